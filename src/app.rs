@@ -1,1 +1,217 @@
-//! TODO
+//! Wiring: load the config, open the store, seed the ledger, start the writer, bind both
+//! listeners, and shut down in order (stop accepting → drain → flush the store).
+
+use crate::admin::{self, AdminState};
+use crate::budget::ledger::Ledger;
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::proxy::{self, upstream, ProxySettings, Shared};
+use crate::server;
+use crate::store::{LocalStore, Store, Writer};
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Everything `serve` needs, from flags and the environment.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// budgets.json.
+    pub config_path: PathBuf,
+    /// Proxy listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Upstream base URL.
+    pub upstream: String,
+    /// Extra CA for the upstream.
+    pub upstream_ca: Option<PathBuf>,
+    /// Embedded store directory.
+    pub state_dir: PathBuf,
+    /// Longest wait for upstream response headers.
+    pub upstream_timeout: Duration,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Longest drain of an upstream body after the client left.
+    pub drain_timeout: Duration,
+    /// Longest wait for in-flight requests at shutdown.
+    pub shutdown_timeout: Duration,
+    /// Store write-behind interval.
+    pub flush_interval: Duration,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Output estimate when a request has no maxOutputTokens.
+    pub default_output_tokens: u64,
+    /// `BUDGET_PROXY_ADMIN_TOKEN`.
+    pub admin_token: Option<String>,
+    /// `GEMINI_API_KEY`.
+    pub gemini_api_key: Option<String>,
+}
+
+/// A running proxy.
+pub struct Running {
+    /// Where the proxy listens.
+    pub proxy_addr: SocketAddr,
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
+    /// Live counters (for tests and tools in-process).
+    pub ledger: Arc<Ledger>,
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stop accepting, drain, flush the store; returns when all is written.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.done.await;
+    }
+}
+
+/// Start with the system clock.
+pub async fn start(opts: Options) -> anyhow::Result<Running> {
+    start_with_clock(opts, Arc::new(SystemClock)).await
+}
+
+/// Start with an injected clock.
+pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
+    let config = Config::load(&opts.config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if opts.admin_token.is_none() && !opts.admin_listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--admin-listen {} is not a loopback address and BUDGET_PROXY_ADMIN_TOKEN is not set: set a token or bind the admin port to 127.0.0.1",
+            opts.admin_listen
+        );
+    }
+    if opts.admin_token.is_none() {
+        tracing::warn!(target: "admin", "BUDGET_PROXY_ADMIN_TOKEN is not set: the admin API on loopback answers without a token");
+    }
+    let store: Arc<dyn Store> =
+        Arc::new(LocalStore::open(&opts.state_dir).with_context(|| {
+            format!("opening the embedded store in {}", opts.state_dir.display())
+        })?);
+    let (writer, writer_task) = Writer::start(store.clone(), opts.flush_interval);
+    let ledger = Arc::new(Ledger::new(Some(writer.clone())));
+    let rows = store
+        .load_latest()
+        .context("reading counters from the embedded store")?;
+    ledger.seed(
+        rows,
+        |a| config.agent(a).unwrap_or(&config.default),
+        clock.now(),
+    );
+
+    let upstream = upstream::Upstream::parse(&opts.upstream)?;
+    let client = upstream::client(opts.upstream_ca.as_deref(), opts.connect_timeout)?;
+    let gemini_api_key = match &opts.gemini_api_key {
+        Some(k) => Some(
+            http::HeaderValue::from_str(k)
+                .context("GEMINI_API_KEY has characters that cannot go in a header")?,
+        ),
+        None => None,
+    };
+    let config = Arc::new(ArcSwap::from_pointee(config));
+    let drains = tokio_util::task::TaskTracker::new();
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        ledger: ledger.clone(),
+        clock: clock.clone(),
+        upstream,
+        client,
+        drains: drains.clone(),
+        settings: ProxySettings {
+            upstream_timeout: opts.upstream_timeout,
+            drain_timeout: opts.drain_timeout,
+            max_body_bytes: opts.max_body_bytes,
+            peek_bytes: 64 * 1024,
+            default_output_tokens: opts.default_output_tokens,
+            gemini_api_key,
+        },
+    });
+    let admin_state = Arc::new(AdminState {
+        config,
+        ledger: ledger.clone(),
+        clock,
+        token: opts.admin_token.clone(),
+    });
+
+    let proxy_listener = TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", opts.listen))?;
+    let admin_listener = TcpListener::bind(opts.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--admin-listen)", opts.admin_listen))?;
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    tracing::info!(target: "server", proxy = %proxy_addr, admin = %admin_addr, upstream = %opts.upstream, "budget-proxy listening");
+
+    let (stop, stop_rx) = watch::channel(false);
+    let drain = opts.shutdown_timeout;
+    let proxy_task = tokio::spawn(server::serve(
+        proxy_listener,
+        move |req| proxy::handle(shared.clone(), req),
+        stop_rx.clone(),
+        drain,
+        "proxy",
+    ));
+    let admin_task = tokio::spawn(server::serve(
+        admin_listener,
+        move |req| admin::handle(admin_state.clone(), req),
+        stop_rx,
+        drain,
+        "admin",
+    ));
+    let done = tokio::spawn(async move {
+        let _ = proxy_task.await;
+        let _ = admin_task.await;
+        // Bodies whose client left are still being drained: wait for them to settle.
+        drains.close();
+        if tokio::time::timeout(drain, drains.wait()).await.is_err() {
+            tracing::warn!(target: "server", "drain deadline reached with upstream bodies still being read");
+        }
+        writer.flush().await;
+        writer_task.abort();
+        tracing::info!(target: "server", "stopped; counters flushed");
+    });
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        ledger,
+        stop,
+        done,
+    })
+}
+
+/// Run until SIGTERM or SIGINT, then shut down gracefully.
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let running = start(opts).await?;
+    wait_for_signal().await;
+    tracing::info!(target: "server", "shutting down: draining in-flight requests");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -29,7 +29,9 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock frozen at `now`.
     pub fn new(now: DateTime<Utc>) -> Self {
-        Self { now: Mutex::new(now) }
+        Self {
+            now: Mutex::new(now),
+        }
     }
 
     /// Jump to `now`.

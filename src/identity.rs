@@ -1,1 +1,136 @@
-//! TODO
+//! Which agent sent a request. First match wins:
+//! 1. path prefix `/agents/{agent_id}/…` (stripped before forwarding);
+//! 2. header `x-agent-id`;
+//! 3. a virtual key (`x-goog-api-key` or `?key=`) listed in an agent's `api_keys`.
+//!
+//! When an agent has `api_keys`, rules 1–2 also need one of its keys, so a header cannot
+//! spend another agent's budget. A virtual key is replaced by `GEMINI_API_KEY` upstream.
+
+use crate::config::{hash_api_key, AgentBudget, Config, UnknownAgents};
+use crate::error::ProxyError;
+use http::HeaderMap;
+
+/// How the agent was named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// `/agents/{id}/…`.
+    PathPrefix,
+    /// `x-agent-id`.
+    Header,
+    /// A virtual key.
+    Key,
+}
+
+/// Where the caller's key was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPlace {
+    /// `x-goog-api-key` header.
+    Header,
+    /// `?key=` query parameter.
+    Query,
+}
+
+/// The result of identification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The agent id.
+    pub agent: String,
+    /// How it was named.
+    pub via: Via,
+    /// Byte length of the `/agents/{id}` prefix to strip from the path (0: none).
+    pub prefix_len: usize,
+    /// The caller's key is a virtual key: replace it with the real one upstream.
+    pub substitute_key: Option<KeyPlace>,
+    /// The agent is not in the file (gets the `default` budget).
+    pub dynamic: bool,
+}
+
+/// Agent ids: 1–64 of `[A-Za-z0-9._-]`.
+pub fn valid_agent_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The `/agents/{id}` prefix of a path: `(id, prefix length)`.
+pub fn path_prefix(path: &str) -> Option<(&str, usize)> {
+    let rest = path.strip_prefix("/agents/")?;
+    let id_len = rest.find('/').unwrap_or(rest.len());
+    Some((&rest[..id_len], "/agents/".len() + id_len))
+}
+
+/// The caller's key: `x-goog-api-key`, else `?key=`.
+pub fn caller_key<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Option<(String, KeyPlace)> {
+    if let Some(v) = headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()) {
+        return Some((v.to_string(), KeyPlace::Header));
+    }
+    let q = query?;
+    form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == "key")
+        .map(|(_, v)| (v.into_owned(), KeyPlace::Query))
+}
+
+/// Identify the agent of a request.
+pub fn identify(
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    config: &Config,
+) -> Result<Identity, ProxyError> {
+    let key = caller_key(headers, query);
+    let key_owner = key.as_ref().and_then(|(k, place)| {
+        config
+            .key_index
+            .get(&hash_api_key(k))
+            .map(|a| (a.as_str(), *place))
+    });
+
+    let named = if let Some((id, len)) = path_prefix(path) {
+        Some((id.to_string(), Via::PathPrefix, len))
+    } else {
+        headers.get("x-agent-id").map(|v| {
+            (
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                Via::Header,
+                0,
+            )
+        })
+    };
+
+    let (agent, via, prefix_len) = match named {
+        Some(n) => n,
+        None => match key_owner {
+            Some((owner, _)) => (owner.to_string(), Via::Key, 0),
+            None => return Err(ProxyError::NoIdentity),
+        },
+    };
+    if !valid_agent_id(&agent) {
+        return Err(ProxyError::BadAgentId(agent));
+    }
+    let budget: Option<&AgentBudget> = config.agent(&agent);
+    if budget.is_none() && config.unknown_agents == UnknownAgents::Reject {
+        return Err(ProxyError::UnknownAgent(agent));
+    }
+    // A virtual key must belong to the agent it is used for.
+    if let Some((owner, _)) = key_owner {
+        if owner != agent {
+            return Err(ProxyError::KeyMismatch(agent));
+        }
+    }
+    let needs_key = budget.is_some_and(|b| !b.api_keys.is_empty());
+    if needs_key && key_owner.is_none() {
+        return Err(ProxyError::KeyMismatch(agent));
+    }
+    Ok(Identity {
+        dynamic: budget.is_none(),
+        agent,
+        via,
+        prefix_len,
+        substitute_key: key_owner.map(|(_, place)| place),
+    })
+}

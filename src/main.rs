@@ -1,1 +1,225 @@
-fn main(){}
+//! The command line: `serve` (default), `check-config`, `status`. Nothing else lives here.
+
+use budget_proxy::app::{self, Options};
+use budget_proxy::config::Config;
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// A Gemini API gateway that meters every response and enforces per-agent token budgets.
+#[derive(Parser, Debug)]
+#[command(name = "budget-proxy", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy (the default).
+    Serve(ServeArgs),
+    /// Validate a budgets.json and print the resolved per-agent table.
+    CheckConfig {
+        /// The file (default: config/budgets.json).
+        path: Option<PathBuf>,
+    },
+    /// Print every agent's usage from a running proxy's admin API.
+    Status {
+        /// Admin API base URL.
+        #[arg(
+            long,
+            env = "BUDGET_PROXY_ADMIN_URL",
+            default_value = "http://127.0.0.1:8081"
+        )]
+        admin_url: String,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct ServeArgs {
+    /// budgets.json to load.
+    #[arg(
+        long,
+        env = "BUDGET_PROXY_CONFIG",
+        default_value = "config/budgets.json"
+    )]
+    config: PathBuf,
+    /// Address of the proxy port.
+    #[arg(long, env = "BUDGET_PROXY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Address of the admin port (API, metrics, dashboard).
+    #[arg(
+        long,
+        env = "BUDGET_PROXY_ADMIN_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
+    admin_listen: SocketAddr,
+    /// Base URL of the Gemini API.
+    #[arg(
+        long,
+        env = "BUDGET_PROXY_UPSTREAM",
+        default_value = "https://generativelanguage.googleapis.com"
+    )]
+    upstream: String,
+    /// Directory of the embedded store.
+    #[arg(long, env = "BUDGET_PROXY_STATE_DIR", default_value = "./data")]
+    state_dir: PathBuf,
+    /// Redis URL for shared counters across replicas (not available yet).
+    #[arg(long, env = "BUDGET_PROXY_REDIS_URL")]
+    redis_url: Option<String>,
+    /// PEM certificate for TLS on the proxy port (not available yet).
+    #[arg(long, env = "BUDGET_PROXY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the proxy port (not available yet).
+    #[arg(long, env = "BUDGET_PROXY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Extra CA certificate (PEM) trusted for the upstream.
+    #[arg(long, env = "BUDGET_PROXY_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
+    /// Seconds to wait for the upstream's response headers (then 504).
+    #[arg(long, env = "BUDGET_PROXY_UPSTREAM_TIMEOUT", default_value_t = 600)]
+    upstream_timeout: u64,
+    /// Seconds to wait for a TCP/TLS connection to the upstream (then 502).
+    #[arg(long, env = "BUDGET_PROXY_CONNECT_TIMEOUT", default_value_t = 10)]
+    connect_timeout: u64,
+    /// Seconds to keep reading an upstream body after its client left, to record usage.
+    #[arg(long, env = "BUDGET_PROXY_DRAIN_TIMEOUT", default_value_t = 60)]
+    drain_timeout: u64,
+    /// Seconds to wait for in-flight requests at shutdown.
+    #[arg(long, env = "BUDGET_PROXY_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    shutdown_timeout: u64,
+    /// Milliseconds between writes of the counters to the store (what `kill -9` may lose).
+    #[arg(long, env = "BUDGET_PROXY_FLUSH_INTERVAL_MS", default_value_t = 1000)]
+    flush_interval_ms: u64,
+    /// Largest request body accepted, in bytes (413 beyond).
+    #[arg(long, env = "BUDGET_PROXY_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Output tokens reserved for a request that sets no maxOutputTokens.
+    #[arg(
+        long,
+        env = "BUDGET_PROXY_DEFAULT_OUTPUT_TOKENS",
+        default_value_t = 1024
+    )]
+    default_output_tokens: u64,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "BUDGET_PROXY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BUDGET_PROXY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn env_secret(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    init_tracing(args.log_format == "json");
+    if args.redis_url.is_some() {
+        eprintln!("error: --redis-url is not supported by this build yet (shared counters across replicas are planned); run without it to use the embedded store");
+        return ExitCode::from(2);
+    }
+    if args.tls_cert.is_some() || args.tls_key.is_some() {
+        eprintln!("error: --tls-cert/--tls-key are not supported by this build yet; terminate TLS in front of the proxy for now");
+        return ExitCode::from(2);
+    }
+    let opts = Options {
+        config_path: args.config,
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        upstream: args.upstream,
+        upstream_ca: args.upstream_ca,
+        state_dir: args.state_dir,
+        upstream_timeout: Duration::from_secs(args.upstream_timeout),
+        connect_timeout: Duration::from_secs(args.connect_timeout),
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        flush_interval: Duration::from_millis(args.flush_interval_ms.max(1)),
+        max_body_bytes: args.max_body_bytes,
+        default_output_tokens: args.default_output_tokens,
+        admin_token: env_secret("BUDGET_PROXY_ADMIN_TOKEN"),
+        gemini_api_key: env_secret("GEMINI_API_KEY"),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(app::run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: Option<PathBuf>) -> ExitCode {
+    let path = path.unwrap_or_else(|| PathBuf::from("config/budgets.json"));
+    match Config::load(&path) {
+        Ok(c) => {
+            println!("{}: OK\n", path.display());
+            print!("{}", c.to_table());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(admin_url: &str) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(budget_proxy::admin::client::status_table(
+        admin_url,
+        env_secret("BUDGET_PROXY_ADMIN_TOKEN").as_deref(),
+    )) {
+        Ok(table) => {
+            print!("{table}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Serve(args)) => serve(args),
+        Some(Command::CheckConfig { path }) => check_config(path),
+        Some(Command::Status { admin_url }) => status(&admin_url),
+    }
+}

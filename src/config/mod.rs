@@ -1,13 +1,26 @@
 //! `budgets.json`: the raw serde types, validation with clear messages, defaults resolution.
 //! The result, [`Config`], can only hold valid values.
+//!
+//! Loading is two steps: [`raw::RawConfig`] mirrors the file (strict: an unknown key is an
+//! error naming the valid ones, and the JSON path of any bad value is reported), then
+//! [`Config::from_raw`] validates every value and resolves each agent as
+//! *agent keys → `default` keys → built-in defaults*. Validation collects every problem,
+//! each naming the entry (`default`, `agents.sage`), the field and the valid values.
+
+pub mod raw;
+mod resolve;
+mod table;
 
 use crate::budget::period::PeriodSpec;
 use crate::budget::pricing::PriceTable;
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::path::Path;
 
+pub use table::{describe_reset, AgentRow, DEFAULT_ROW};
+
 /// What happens when an agent reaches its limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     /// Allow and alert.
@@ -20,8 +33,26 @@ pub enum Action {
     Queue,
 }
 
+impl Action {
+    /// The name used in budgets.json, headers and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Warn => "warn",
+            Action::Block => "block",
+            Action::Degrade => "degrade",
+            Action::Queue => "queue",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An agent's priority (informational; the seed's table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     /// Critical.
@@ -34,8 +65,26 @@ pub enum Priority {
     Low,
 }
 
+impl Priority {
+    /// The name used in budgets.json and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Critical => "critical",
+            Priority::High => "high",
+            Priority::Medium => "medium",
+            Priority::Low => "low",
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What to do with an agent id that is not in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UnknownAgents {
     /// Give it the `default` budget (up to `max_dynamic_agents`).
@@ -51,6 +100,16 @@ pub struct QueueLimits {
     pub max_wait_seconds: u64,
     /// Most requests parked per agent (default 1000).
     pub max_depth: usize,
+}
+
+impl Default for QueueLimits {
+    /// The built-in bounds: 300 s, 1000 requests.
+    fn default() -> Self {
+        QueueLimits {
+            max_wait_seconds: 300,
+            max_depth: 1000,
+        }
+    }
 }
 
 /// One agent's resolved budget (the `default` entry merged under the agent's keys).
@@ -144,8 +203,18 @@ pub enum ConfigError {
 impl Config {
     /// Parse and validate the text of a budgets.json; `source` names it in errors.
     pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
-        let _ = text;
-        Err(ConfigError::Invalid { path: source.to_string(), message: "unimplemented".into() })
+        let raw = raw::RawConfig::parse(text, source)?;
+        Self::from_raw(&raw, source)
+    }
+
+    /// Validate a parsed file and resolve every agent against `default`; `source` names the
+    /// file in errors. Tools that edit the file (admin updates) go through here too, so an
+    /// edit is held to the same rules as a hand-written file.
+    pub fn from_raw(raw: &raw::RawConfig, source: &str) -> Result<Config, ConfigError> {
+        resolve::resolve(raw).map_err(|problems| ConfigError::Invalid {
+            path: source.to_string(),
+            message: join_problems(&problems),
+        })
     }
 
     /// Read, parse and validate a file.
@@ -161,4 +230,107 @@ impl Config {
     pub fn agent(&self, agent: &str) -> Option<&AgentBudget> {
         self.agents.get(agent)
     }
+
+    /// The budget that applies to `agent`: its own entry, else `default` (whether an unknown
+    /// agent is admitted at all is [`Config::unknown_agents`]' business, not this one's).
+    pub fn budget_for(&self, agent: &str) -> &AgentBudget {
+        self.agents.get(agent).unwrap_or(&self.default)
+    }
 }
+
+/// One problem per line when there are several, so `check-config` lists them all.
+fn join_problems(problems: &[String]) -> String {
+    match problems {
+        [one] => one.clone(),
+        many => {
+            let mut out = format!("{} problems:", many.len());
+            for p in many {
+                out.push_str("\n  - ");
+                out.push_str(p);
+            }
+            out
+        }
+    }
+}
+
+impl raw::RawConfig {
+    /// Parse the text of a budgets.json without validating values; errors carry the JSON
+    /// path of the offending value (`agents.sage.period: unknown variant ...`) and its line
+    /// and column. `source` names the file in errors.
+    pub fn parse(text: &str, source: &str) -> Result<raw::RawConfig, ConfigError> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let invalid = |message: &str| ConfigError::Invalid {
+            path: source.to_string(),
+            message: message.to_string(),
+        };
+        let trimmed = text.trim_start();
+        if trimmed.is_empty() {
+            return Err(invalid(
+                "the file is empty (expected a JSON object such as \
+                 {\"default\": {\"max_tokens\": 1000000, \"period\": \"monthly\", \
+                 \"action_on_limit\": \"warn\"}, \"agents\": {}})",
+            ));
+        }
+        if !trimmed.starts_with('{') {
+            return Err(invalid(
+                "the top level must be a JSON object with \"default\" and \"agents\"",
+            ));
+        }
+        let mut de = serde_json::Deserializer::from_str(text);
+        let raw = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| parse_error(source, &e.path().to_string(), e.inner()))?;
+        // Anything but whitespace after the object.
+        de.end().map_err(|e| parse_error(source, ".", &e))?;
+        Ok(raw)
+    }
+}
+
+/// A serde_json error as [`ConfigError::Parse`]: the JSON path (when serde knows one) in
+/// front of serde's message, line and column apart.
+fn parse_error(source: &str, json_path: &str, inner: &serde_json::Error) -> ConfigError {
+    let (line, column) = (inner.line(), inner.column());
+    let what = inner.to_string();
+    let suffix = format!(" at line {line} column {column}");
+    let what = what.strip_suffix(&suffix).unwrap_or(&what);
+    // Syntax errors keep the path too when serde knows it: it says where the parser was.
+    let located = !(json_path == "." || json_path == "?" || inner.is_eof());
+    let message = if located {
+        format!("{json_path}: {what}")
+    } else {
+        what.to_string()
+    };
+    ConfigError::Parse {
+        path: source.to_string(),
+        message,
+        line,
+        column,
+    }
+}
+
+/// SHA-256 of a virtual key as sent by a caller: budgets.json stores only this digest
+/// (`"sha256:<hex>"`), so identity hashes the presented key and looks it up in
+/// [`Config::key_index`].
+pub fn hash_api_key(key: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes()).into()
+}
+
+/// The budgets.json spelling of a key digest, `"sha256:<64 lowercase hex>"`; for tools that
+/// write keys into the file and for showing which key matched without revealing it.
+pub fn format_key_digest(digest: &[u8; 32]) -> String {
+    format!("sha256:{}", hex::encode(digest))
+}
+
+/// Parse `"sha256:<64 hex>"` (either case) into a digest; `None` when it is not exactly that.
+pub fn parse_key_digest(text: &str) -> Option<[u8; 32]> {
+    let hex_part = text.strip_prefix("sha256:")?;
+    if hex_part.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut out).ok()?;
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,4 +1,8 @@
 //! URL shapes: `/{v1|v1beta}/{models|tunedModels}/{model}:{method}`.
+//!
+//! The proxy needs the model of a call (to pick a price and a budget) and sometimes has to send
+//! the call to another model (a fallback), so both parsing and rewriting live here, side by side,
+//! to keep them in agreement about what a model call looks like.
 
 /// A model call parsed from a request path (after any `/agents/{id}` prefix was stripped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,15 +17,202 @@ pub struct ModelCall<'a> {
     pub method: &'a str,
 }
 
+/// The collections a model call can name.
+const COLLECTIONS: [&str; 2] = ["models", "tunedModels"];
+
 /// Parse `/{version}/{models|tunedModels}/{model}:{method}`; `None` for any other path.
+///
+/// The version is any segment that starts with `v1` (`v1`, `v1beta`, `v1alpha`, `v1beta1`):
+/// SDKs move between them and the proxy must not care. A query string (`?alt=sse`), if the
+/// caller left one on, is ignored.
 pub fn parse_model_call(path: &str) -> Option<ModelCall<'_>> {
-    let _ = path;
-    None
+    let path = strip_query(path).0;
+    let rest = path.strip_prefix('/')?;
+    let mut segments = rest.split('/');
+    let version = segments.next()?;
+    let collection = segments.next()?;
+    let last = segments.next()?;
+    if segments.next().is_some() {
+        return None;
+    }
+    if !is_version(version) || !COLLECTIONS.contains(&collection) {
+        return None;
+    }
+    let (model, method) = last.split_once(':')?;
+    if !is_model_id(model) || !is_method(method) {
+        return None;
+    }
+    Some(ModelCall {
+        version,
+        collection,
+        model,
+        method,
+    })
 }
 
 /// The same path with the model replaced (`new_model` may carry a `models/` prefix, which is
 /// dropped). `None` when the path is not a model call.
+///
+/// A fallback is a base model, so a `tunedModels/…` call is rewritten into the `models`
+/// collection; only a `new_model` that itself says `tunedModels/…` keeps that collection.
+/// `None` too when `new_model` is not a plain model id (empty, or with `/`, `:`, `?`), since
+/// splicing it in would produce a different URL shape.
 pub fn rewrite_model_in_path(path: &str, new_model: &str) -> Option<String> {
-    let _ = (path, new_model);
-    None
+    let (bare, query) = strip_query(path);
+    let call = parse_model_call(bare)?;
+    let (collection, model) = match new_model.strip_prefix("tunedModels/") {
+        Some(tuned) => ("tunedModels", tuned),
+        None => (
+            "models",
+            new_model.strip_prefix("models/").unwrap_or(new_model),
+        ),
+    };
+    if !is_model_id(model) {
+        return None;
+    }
+    let mut out = String::with_capacity(path.len() + model.len());
+    out.push('/');
+    out.push_str(call.version);
+    out.push('/');
+    out.push_str(collection);
+    out.push('/');
+    out.push_str(model);
+    out.push(':');
+    out.push_str(call.method);
+    out.push_str(query);
+    Some(out)
+}
+
+/// Split `path` into the part before `?` and the query including its `?` (empty if none).
+fn strip_query(path: &str) -> (&str, &str) {
+    match path.find('?') {
+        Some(i) => path.split_at(i),
+        None => (path, ""),
+    }
+}
+
+/// `v1`, `v1beta`, `v1alpha`, `v1beta1`, …: starts with `v1`, then only ASCII alphanumerics.
+fn is_version(s: &str) -> bool {
+    s.starts_with("v1") && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// A model id such as `gemini-2.5-flash` or `gemini-2.0-flash-001`.
+fn is_model_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'@'))
+}
+
+/// A method such as `generateContent` or `streamGenerateContent`.
+fn is_method(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_versions_and_collections() {
+        let c = parse_model_call("/v1beta/models/gemini-2.5-flash:generateContent").unwrap();
+        assert_eq!(
+            c,
+            ModelCall {
+                version: "v1beta",
+                collection: "models",
+                model: "gemini-2.5-flash",
+                method: "generateContent",
+            }
+        );
+        for v in ["v1", "v1alpha", "v1beta1"] {
+            let p = format!("/{v}/models/gemini-2.0-flash-001:streamGenerateContent");
+            let c = parse_model_call(&p).unwrap();
+            assert_eq!(c.version, v);
+            assert_eq!(c.model, "gemini-2.0-flash-001");
+            assert_eq!(c.method, "streamGenerateContent");
+        }
+        let c = parse_model_call("/v1/tunedModels/my-tuned-abc123:generateContent").unwrap();
+        assert_eq!(c.collection, "tunedModels");
+        assert_eq!(c.model, "my-tuned-abc123");
+    }
+
+    #[test]
+    fn ignores_a_query() {
+        let c = parse_model_call("/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse")
+            .unwrap();
+        assert_eq!(c.model, "gemini-2.5-pro");
+        assert_eq!(c.method, "streamGenerateContent");
+    }
+
+    #[test]
+    fn rejects_other_shapes() {
+        for p in [
+            "",
+            "/",
+            "/v1beta/models",
+            "/v1beta/models/",
+            "/v1beta/models/gemini-2.5-flash",
+            "/v1beta/models/gemini-2.5-flash:",
+            "/v1beta/models/:generateContent",
+            "/v1beta/files/abc",
+            "/upload/v1beta/files",
+            "/v2/models/gemini-2.5-flash:generateContent",
+            "/v1beta/models/gemini-2.5-flash:generateContent/extra",
+            "v1beta/models/gemini-2.5-flash:generateContent",
+            "/v1beta/cachedContents/abc:generateContent",
+            "/v1beta/batches/123:cancel",
+            "/v1beta/openai/chat/completions",
+            "/v1beta/models/a b:generateContent",
+            "/v1beta/models/x:gen:erate",
+        ] {
+            assert_eq!(parse_model_call(p), None, "{p}");
+        }
+    }
+
+    #[test]
+    fn rewrites_the_model() {
+        let p = "/v1beta/models/gemini-2.5-pro:generateContent";
+        assert_eq!(
+            rewrite_model_in_path(p, "gemini-2.5-flash").as_deref(),
+            Some("/v1beta/models/gemini-2.5-flash:generateContent")
+        );
+        assert_eq!(
+            rewrite_model_in_path(p, "models/gemini-2.5-flash-lite").as_deref(),
+            Some("/v1beta/models/gemini-2.5-flash-lite:generateContent")
+        );
+        assert_eq!(
+            rewrite_model_in_path(
+                "/v1/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
+                "gemini-2.5-flash"
+            )
+            .as_deref(),
+            Some("/v1/models/gemini-2.5-flash:streamGenerateContent?alt=sse")
+        );
+    }
+
+    #[test]
+    fn rewrites_tuned_models_to_base_models() {
+        let p = "/v1beta/tunedModels/my-model-1:generateContent";
+        assert_eq!(
+            rewrite_model_in_path(p, "gemini-2.5-flash").as_deref(),
+            Some("/v1beta/models/gemini-2.5-flash:generateContent")
+        );
+        assert_eq!(
+            rewrite_model_in_path(p, "tunedModels/other").as_deref(),
+            Some("/v1beta/tunedModels/other:generateContent")
+        );
+    }
+
+    #[test]
+    fn rewrite_refuses_non_calls_and_bad_models() {
+        assert_eq!(
+            rewrite_model_in_path("/v1beta/files/abc", "gemini-2.5-flash"),
+            None
+        );
+        let p = "/v1beta/models/gemini-2.5-pro:generateContent";
+        assert_eq!(rewrite_model_in_path(p, ""), None);
+        assert_eq!(rewrite_model_in_path(p, "models/"), None);
+        assert_eq!(rewrite_model_in_path(p, "a/b"), None);
+        assert_eq!(rewrite_model_in_path(p, "x:y"), None);
+    }
 }

@@ -1,4 +1,17 @@
 //! Token usage in responses and the incremental scanner that finds it.
+//!
+//! Responses are metered as they stream through, so the body is never buffered: the
+//! [`UsageScanner`] is fed each chunk as it passes and keeps only a few hundred bytes of state
+//! (at most one `usageMetadata` object, capped at 16 KiB). One byte-level state machine serves
+//! the three framings Gemini uses: one JSON object (`generateContent`), SSE
+//! (`data: {…}\r\n\r\n`, possibly ended by a raw `{"error":…}`), and a pretty-printed JSON
+//! array streamed one element at a time.
+
+use std::fmt;
+
+use memchr::memchr2;
+use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde::Deserialize;
 
 /// Token counts of one response (`usageMetadata`); absent fields are 0.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -19,25 +32,864 @@ pub struct Usage {
     pub audio_prompt_tokens: u64,
 }
 
+impl Usage {
+    /// Output tokens as billed: visible candidates plus thinking, because Google bills
+    /// thinking at the output rate while `candidatesTokenCount` leaves it out.
+    pub fn completion_tokens(&self) -> u64 {
+        self.candidates_tokens.saturating_add(self.thoughts_tokens)
+    }
+
+    /// Prompt tokens billed at the full input rate: the prompt less its cached part, because
+    /// `promptTokenCount` includes `cachedContentTokenCount`, which is billed at the cache rate.
+    pub fn uncached_prompt_tokens(&self) -> u64 {
+        self.prompt_tokens.saturating_sub(self.cached_tokens)
+    }
+
+    /// The tokens to count against a token budget: `totalTokenCount` when Google sent it, else
+    /// the sum it stands for (prompt + candidates + thoughts + tool-use prompt), so a response
+    /// whose total is missing is still counted.
+    pub fn counted_tokens(&self) -> u64 {
+        if self.total_tokens > 0 {
+            self.total_tokens
+        } else {
+            self.prompt_tokens
+                .saturating_add(self.candidates_tokens)
+                .saturating_add(self.thoughts_tokens)
+                .saturating_add(self.tool_use_prompt_tokens)
+        }
+    }
+
+    /// Apply one parsed `usageMetadata`: fields it carries replace ours, absent ones stay,
+    /// because stream chunks carry cumulative (not incremental) and sometimes partial counts.
+    /// Returns whether it carried any token count.
+    fn apply(&mut self, raw: &RawUsage) -> bool {
+        let mut any = false;
+        let mut set = |dst: &mut u64, src: Option<u64>| {
+            if let Some(v) = src {
+                *dst = v;
+                any = true;
+            }
+        };
+        set(&mut self.prompt_tokens, raw.prompt);
+        set(&mut self.candidates_tokens, raw.candidates);
+        set(&mut self.thoughts_tokens, raw.thoughts);
+        set(&mut self.tool_use_prompt_tokens, raw.tool_use_prompt);
+        set(&mut self.cached_tokens, raw.cached);
+        set(&mut self.total_tokens, raw.total);
+        set(&mut self.audio_prompt_tokens, raw.audio_prompt);
+        any
+    }
+}
+
+/// The wire form of `usageMetadata`; unknown fields (`serviceTier`, `trafficType`, …) are
+/// skipped.
+#[derive(Deserialize)]
+struct RawUsage {
+    #[serde(rename = "promptTokenCount", default, deserialize_with = "count")]
+    prompt: Option<u64>,
+    #[serde(rename = "candidatesTokenCount", default, deserialize_with = "count")]
+    candidates: Option<u64>,
+    #[serde(rename = "thoughtsTokenCount", default, deserialize_with = "count")]
+    thoughts: Option<u64>,
+    #[serde(
+        rename = "toolUsePromptTokenCount",
+        default,
+        deserialize_with = "count"
+    )]
+    tool_use_prompt: Option<u64>,
+    #[serde(
+        rename = "cachedContentTokenCount",
+        default,
+        deserialize_with = "count"
+    )]
+    cached: Option<u64>,
+    #[serde(rename = "totalTokenCount", default, deserialize_with = "count")]
+    total: Option<u64>,
+    #[serde(
+        rename = "promptTokensDetails",
+        default,
+        deserialize_with = "audio_tokens"
+    )]
+    audio_prompt: Option<u64>,
+}
+
+/// A token count: a number (negative → 0), a string holding one (proto3 JSON), or null (absent).
+fn count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct CountVisitor;
+    impl<'de> Visitor<'de> for CountVisitor {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a token count")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(u64::try_from(v).unwrap_or(0)))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            // `as` saturates: NaN and negatives become 0, huge values u64::MAX.
+            Ok(Some(v as u64))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(v.trim().parse().ok())
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    d.deserialize_any(CountVisitor)
+}
+
+/// One `{modality, tokenCount}` entry of a `*TokensDetails` list.
+#[derive(Deserialize)]
+struct ModalityCount {
+    #[serde(default)]
+    modality: Option<Modality>,
+    #[serde(rename = "tokenCount", default, deserialize_with = "count")]
+    token_count: Option<u64>,
+}
+
+/// Only `AUDIO` is priced differently; every other modality is `Other` (no allocation).
+#[derive(Deserialize, PartialEq, Eq)]
+enum Modality {
+    #[serde(rename = "AUDIO")]
+    Audio,
+    #[serde(other)]
+    Other,
+}
+
+/// The sum of the `AUDIO` entries of `promptTokensDetails` (0 when the list has none), or
+/// `None` when the list is null.
+fn audio_tokens<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct DetailsVisitor;
+    impl<'de> Visitor<'de> for DetailsVisitor {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of modality token counts")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut audio = 0u64;
+            while let Some(entry) = seq.next_element::<ModalityCount>()? {
+                if entry.modality == Some(Modality::Audio) {
+                    audio = audio.saturating_add(entry.token_count.unwrap_or(0));
+                }
+            }
+            Ok(Some(audio))
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            // Not the documented shape: skip it rather than reject the whole usage.
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    d.deserialize_any(DetailsVisitor)
+}
+
+/// Longest key we need to recognise is `usageMetadata` (13 bytes).
+const KEY_CAP: usize = 16;
+/// Most bytes of one `usageMetadata` object kept; a larger one is skipped.
+const USAGE_CAP: usize = 16 * 1024;
+/// Most bytes of a `modelVersion` string (without its quotes) kept; a longer one is skipped.
+const MODEL_CAP: usize = 256;
+
+/// The keys the scanner acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Key {
+    UsageMetadata,
+    ModelVersion,
+    Error,
+    FinishReason,
+}
+
+/// What the scanner waits for after a string that may be a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum After {
+    /// Nothing: plain structural scanning.
+    #[default]
+    Nothing,
+    /// A string matching a key closed; a `:` (after whitespace) makes it a key.
+    KeyEnd(Key),
+    /// `"key":` seen; the next non-whitespace byte starts its value.
+    Value(Key),
+}
+
+/// The value being copied out of the stream, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Capture {
+    /// Nothing is copied.
+    #[default]
+    None,
+    /// A `usageMetadata` object that opened at this depth (it ends when depth comes back).
+    Object(u32),
+    /// A `modelVersion` string (it ends at its closing quote).
+    Str,
+}
+
+/// Bytes that end a run of non-string bytes outside strings.
+static STRUCTURAL: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'"' as usize] = true;
+    t[b'{' as usize] = true;
+    t[b'}' as usize] = true;
+    t[b'[' as usize] = true;
+    t[b']' as usize] = true;
+    t
+};
+
 /// Incremental scanner over a response body.
+///
+/// Feed it every chunk of a response body, in order, split anywhere; it finds the
+/// response-level `usageMetadata` and `modelVersion` of a JSON body, an SSE stream or a
+/// JSON-array stream without buffering the body. It tracks only JSON structure (depth, strings,
+/// escapes), ignores bytes outside any JSON value (such as `data: `), and recognises keys only
+/// in the response objects themselves (depth 1 for an object body, 2 inside an array), so a
+/// `usageMetadata` inside function-call arguments is not taken. Its memory is bounded (about
+/// 16 KiB at most) whatever it is fed, and malformed input never panics.
 #[derive(Debug, Default)]
-pub struct UsageScanner {}
+pub struct UsageScanner {
+    /// Nesting depth of JSON containers (0 between values).
+    depth: u32,
+    /// Depth of keys of a response object: 1 when the current root value is an object, 2 when
+    /// it is an array (0 before any value).
+    response_depth: u32,
+    /// Inside a string (only strings at depth ≥ 1 are tracked).
+    in_string: bool,
+    /// The previous byte was a backslash inside a string.
+    escape: bool,
+    /// The first bytes of the current string, to match keys.
+    key: [u8; KEY_CAP],
+    /// How many bytes of `key` are used.
+    key_len: u8,
+    /// The current string can still be a key we act on (no escape, not too long).
+    key_ok: bool,
+    /// What the bytes after a candidate key mean.
+    after: After,
+    /// The value being copied.
+    capture: Capture,
+    /// The copied bytes of `capture` (capacity at most `USAGE_CAP`).
+    cap_buf: Vec<u8>,
+    /// The value being copied grew past its cap and will be dropped.
+    cap_overflow: bool,
+    /// Usage merged so far.
+    usage: Usage,
+    /// Some `usageMetadata` carried at least one token count.
+    has_usage: bool,
+    /// The last `modelVersion`.
+    model_version: Option<String>,
+    /// A response-level `error` key was seen.
+    saw_error: bool,
+    /// A `finishReason` key was seen.
+    saw_finish_reason: bool,
+}
 
 impl UsageScanner {
     /// A scanner at the start of a body.
     pub fn new() -> Self {
         Self::default()
     }
+
     /// Feed the next chunk of the body.
     pub fn feed(&mut self, chunk: &[u8]) {
-        let _ = chunk;
+        let n = chunk.len();
+        let mut i = 0usize;
+        // Where the part of `chunk` still to be copied into `cap_buf` starts.
+        let mut cap_from = 0usize;
+        while i < n {
+            if self.in_string {
+                if self.escape {
+                    self.escape = false;
+                    i += 1;
+                    continue;
+                }
+                let rest = &chunk[i..];
+                let Some(off) = memchr2(b'"', b'\\', rest) else {
+                    self.key_push(rest);
+                    i = n;
+                    continue;
+                };
+                self.key_push(&rest[..off]);
+                let j = i + off;
+                i = j + 1;
+                if chunk[j] == b'\\' {
+                    self.escape = true;
+                    self.key_ok = false;
+                    continue;
+                }
+                self.in_string = false;
+                if self.capture == Capture::Str {
+                    self.cap_append(&chunk[cap_from..i]);
+                    self.finish_model_version();
+                } else if self.key_ok {
+                    self.string_closed();
+                }
+                continue;
+            }
+
+            let b = chunk[i];
+            if self.after != After::Nothing {
+                if matches!(b, b' ' | b'\t' | b'\r' | b'\n') {
+                    i += 1;
+                    continue;
+                }
+                match std::mem::take(&mut self.after) {
+                    After::KeyEnd(k) if b == b':' => {
+                        match k {
+                            Key::Error => self.saw_error = true,
+                            Key::FinishReason => self.saw_finish_reason = true,
+                            Key::UsageMetadata | Key::ModelVersion => self.after = After::Value(k),
+                        }
+                        i += 1;
+                        continue;
+                    }
+                    After::Value(Key::UsageMetadata) if b == b'{' => {
+                        self.start_capture(Capture::Object(self.depth));
+                        cap_from = i;
+                    }
+                    After::Value(Key::ModelVersion) if b == b'"' => {
+                        self.start_capture(Capture::Str);
+                        cap_from = i;
+                    }
+                    // Not a key after all, or a value we do not want: scan `b` as usual.
+                    _ => {}
+                }
+            }
+
+            match b {
+                b'"' => {
+                    if self.depth > 0 {
+                        self.in_string = true;
+                        self.key_len = 0;
+                        self.key_ok = true;
+                    }
+                    i += 1;
+                }
+                b'{' | b'[' => {
+                    if self.depth == 0 {
+                        self.response_depth = if b == b'{' { 1 } else { 2 };
+                    }
+                    self.depth = self.depth.saturating_add(1);
+                    i += 1;
+                }
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    i += 1;
+                    if self.capture == Capture::Object(self.depth) {
+                        self.cap_append(&chunk[cap_from..i]);
+                        self.finish_usage();
+                    }
+                }
+                _ => {
+                    i += 1;
+                    while i < n && !STRUCTURAL[usize::from(chunk[i])] {
+                        i += 1;
+                    }
+                }
+            }
+        }
+        if self.capture != Capture::None && cap_from < n {
+            self.cap_append(&chunk[cap_from..]);
+        }
     }
-    /// The latest usage seen so far.
+
+    /// The latest usage seen so far: `None` until a `usageMetadata` with at least one token
+    /// count was seen (a `{"trafficType":…}`-only object does not count), so callers can tell
+    /// "no usage reported" from "zero tokens".
     pub fn usage(&self) -> Option<Usage> {
-        None
+        self.has_usage.then_some(self.usage)
     }
+
     /// The last `modelVersion` seen.
     pub fn model_version(&self) -> Option<&str> {
-        None
+        self.model_version.as_deref()
+    }
+
+    /// Whether a response-level `error` key was seen (an error body, an SSE error event, or the
+    /// raw error object Google appends to a stream that fails midway), so a 200 stream that
+    /// ended in an error can be told from a clean one.
+    pub fn saw_error(&self) -> bool {
+        self.saw_error
+    }
+
+    /// Whether a `finishReason` key was seen anywhere; a stream that ends without one was cut
+    /// short, which is the only sign of truncation Gemini gives.
+    pub fn saw_finish_reason(&self) -> bool {
+        self.saw_finish_reason
+    }
+
+    /// Append up to `KEY_CAP` bytes of the current string.
+    #[inline]
+    fn key_push(&mut self, s: &[u8]) {
+        if !self.key_ok {
+            return;
+        }
+        let len = usize::from(self.key_len);
+        match self.key.get_mut(len..len + s.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(s);
+                // len + s.len() <= KEY_CAP = 16, so this fits in u8.
+                self.key_len = u8::try_from(len + s.len()).unwrap_or(u8::MAX);
+            }
+            None => self.key_ok = false,
+        }
+    }
+
+    /// A string that may be a key closed: remember it if it is one we act on.
+    fn string_closed(&mut self) {
+        let key = &self.key[..usize::from(self.key_len)];
+        let at_response = self.depth == self.response_depth;
+        let k = match key {
+            b"usageMetadata" if at_response => Key::UsageMetadata,
+            b"modelVersion" if at_response => Key::ModelVersion,
+            b"error" if at_response => Key::Error,
+            b"finishReason" => Key::FinishReason,
+            _ => return,
+        };
+        self.after = After::KeyEnd(k);
+    }
+
+    fn start_capture(&mut self, c: Capture) {
+        self.capture = c;
+        self.cap_buf.clear();
+        self.cap_overflow = false;
+    }
+
+    /// Copy `s` into `cap_buf`, or mark the capture overflowed when it would pass its cap.
+    fn cap_append(&mut self, s: &[u8]) {
+        if self.cap_overflow {
+            return;
+        }
+        let cap = match self.capture {
+            Capture::None => return,
+            Capture::Object(_) => USAGE_CAP,
+            Capture::Str => MODEL_CAP + 2,
+        };
+        let need = self.cap_buf.len() + s.len();
+        if need > cap {
+            self.cap_overflow = true;
+            self.cap_buf.clear();
+            return;
+        }
+        if need > self.cap_buf.capacity() {
+            // Grow by doubling but never past USAGE_CAP, so memory stays bounded.
+            let target = need.max(self.cap_buf.capacity() * 2).min(USAGE_CAP);
+            self.cap_buf.reserve_exact(target - self.cap_buf.len());
+        }
+        self.cap_buf.extend_from_slice(s);
+    }
+
+    /// A `usageMetadata` object closed: parse and merge it.
+    fn finish_usage(&mut self) {
+        self.capture = Capture::None;
+        if !self.cap_overflow {
+            if let Ok(raw) = serde_json::from_slice::<RawUsage>(&self.cap_buf) {
+                if self.usage.apply(&raw) {
+                    self.has_usage = true;
+                }
+            }
+        }
+        self.cap_buf.clear();
+    }
+
+    /// A `modelVersion` string closed: keep it (the copy includes both quotes).
+    fn finish_model_version(&mut self) {
+        self.capture = Capture::None;
+        if self.cap_overflow || self.cap_buf.len() < 2 {
+            self.cap_buf.clear();
+            return;
+        }
+        let inner = &self.cap_buf[1..self.cap_buf.len() - 1];
+        if !inner.contains(&b'\\') {
+            if let Ok(s) = std::str::from_utf8(inner) {
+                if self.model_version.as_deref() != Some(s) {
+                    let mv = self.model_version.get_or_insert_with(String::new);
+                    mv.clear();
+                    mv.push_str(s);
+                }
+            }
+        } else if let Ok(s) = serde_json::from_slice::<String>(&self.cap_buf) {
+            self.model_version = Some(s);
+        }
+        self.cap_buf.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(body: &[u8]) -> UsageScanner {
+        let mut s = UsageScanner::new();
+        s.feed(body);
+        s
+    }
+
+    fn scan_bytewise(body: &[u8]) -> UsageScanner {
+        let mut s = UsageScanner::new();
+        for b in body.chunks(1) {
+            s.feed(b);
+        }
+        s
+    }
+
+    /// Whole, byte by byte, and split at every point: all must agree.
+    fn scan_all_ways(body: &[u8]) -> UsageScanner {
+        let whole = scan(body);
+        let bytewise = scan_bytewise(body);
+        assert_eq!(whole.usage(), bytewise.usage());
+        assert_eq!(whole.model_version(), bytewise.model_version());
+        assert_eq!(whole.saw_error(), bytewise.saw_error());
+        assert_eq!(whole.saw_finish_reason(), bytewise.saw_finish_reason());
+        for cut in 0..=body.len() {
+            let mut s = UsageScanner::new();
+            s.feed(&body[..cut]);
+            s.feed(&body[cut..]);
+            assert_eq!(whole.usage(), s.usage(), "cut at {cut}");
+            assert_eq!(whole.model_version(), s.model_version(), "cut at {cut}");
+            assert_eq!(whole.saw_error(), s.saw_error(), "cut at {cut}");
+        }
+        whole
+    }
+
+    const GENERATE: &str = r#"{
+  "candidates": [
+    {
+      "content": {
+        "parts": [
+          {
+            "text": "Hello! He said \"hi\" \\ and left. Caf\u00e9 — naïve 😀"
+          }
+        ],
+        "role": "model"
+      },
+      "finishReason": "STOP",
+      "index": 0
+    }
+  ],
+  "usageMetadata": {
+    "promptTokenCount": 18,
+    "candidatesTokenCount": 80,
+    "totalTokenCount": 133,
+    "promptTokensDetails": [
+      {
+        "modality": "TEXT",
+        "tokenCount": 18
+      }
+    ],
+    "thoughtsTokenCount": 35,
+    "serviceTier": "standard"
+  },
+  "modelVersion": "gemini-2.5-flash",
+  "responseId": "ru1garvBEoOiqtsP2fznmQw"
+}
+"#;
+
+    #[test]
+    fn single_json_object() {
+        let s = scan_all_ways(GENERATE.as_bytes());
+        let u = s.usage().unwrap();
+        assert_eq!(
+            u,
+            Usage {
+                prompt_tokens: 18,
+                candidates_tokens: 80,
+                thoughts_tokens: 35,
+                total_tokens: 133,
+                ..Usage::default()
+            }
+        );
+        assert_eq!(u.completion_tokens(), 115);
+        assert_eq!(u.counted_tokens(), 133);
+        assert_eq!(s.model_version(), Some("gemini-2.5-flash"));
+        assert!(s.saw_finish_reason());
+        assert!(!s.saw_error());
+    }
+
+    fn sse_event(cands: Option<u64>, total: u64, finish: bool) -> String {
+        let c = cands
+            .map(|c| format!("\"candidatesTokenCount\": {c},"))
+            .unwrap_or_default();
+        let f = if finish {
+            ",\"finishReason\": \"STOP\""
+        } else {
+            ""
+        };
+        format!(
+            "data: {{\"candidates\": [{{\"content\": {{\"parts\": [{{\"text\": \"chunk \\\"q\\\" {total}\"}}],\"role\": \"model\"}}{f},\"index\": 0}}],\"usageMetadata\": {{\"promptTokenCount\": 18,{c}\"totalTokenCount\": {total},\"promptTokensDetails\": [{{\"modality\": \"TEXT\",\"tokenCount\": 18}}],\"thoughtsTokenCount\": 35}},\"modelVersion\": \"gemini-2.5-flash\",\"responseId\": \"abc\"}}\r\n\r\n"
+        )
+    }
+
+    #[test]
+    fn sse_cumulative_usage_keeps_the_last() {
+        let body = [
+            sse_event(Some(31), 84, false),
+            sse_event(Some(79), 132, false),
+            sse_event(Some(80), 133, true),
+        ]
+        .concat();
+        let s = scan_all_ways(body.as_bytes());
+        let u = s.usage().unwrap();
+        assert_eq!(u.candidates_tokens, 80);
+        assert_eq!(u.total_tokens, 133);
+        assert_eq!(u.prompt_tokens, 18);
+        assert_eq!(u.thoughts_tokens, 35);
+        assert_eq!(s.model_version(), Some("gemini-2.5-flash"));
+        assert!(s.saw_finish_reason());
+        assert!(!s.saw_error());
+    }
+
+    #[test]
+    fn sse_partial_usage_merges_field_by_field() {
+        // Gemini 1.5 style: candidates only at the end; the prompt stays from earlier chunks.
+        let body = concat!(
+            "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"a\"}]}}],\"usageMetadata\": {\"promptTokenCount\": 9,\"totalTokenCount\": 9}}\r\n\r\n",
+            "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"b\"}]}}],\"usageMetadata\": {\"trafficType\": \"ON_DEMAND\"}}\r\n\r\n",
+            "data: {\"candidates\": [{\"finishReason\": \"STOP\"}],\"usageMetadata\": {\"candidatesTokenCount\": 4,\"totalTokenCount\": 13}}\r\n\r\n",
+        );
+        let s = scan_all_ways(body.as_bytes());
+        assert_eq!(
+            s.usage(),
+            Some(Usage {
+                prompt_tokens: 9,
+                candidates_tokens: 4,
+                total_tokens: 13,
+                ..Usage::default()
+            })
+        );
+        assert_eq!(s.model_version(), None);
+    }
+
+    #[test]
+    fn usage_only_in_the_last_chunk() {
+        let body = concat!(
+            "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"a\"}]}}]}\r\n\r\n",
+            "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"b\"}]}}]}\r\n\r\n",
+        );
+        let mut s = UsageScanner::new();
+        s.feed(body.as_bytes());
+        assert_eq!(s.usage(), None);
+        s.feed(b"data: {\"candidates\": [{\"finishReason\": \"STOP\"}],\"usageMetadata\": {\"promptTokenCount\": 5,\"candidatesTokenCount\": 2,\"totalTokenCount\": 7},\"modelVersion\": \"gemini-2.0-flash\"}\r\n\r\n");
+        assert_eq!(s.usage().unwrap().total_tokens, 7);
+        assert_eq!(s.model_version(), Some("gemini-2.0-flash"));
+    }
+
+    #[test]
+    fn traffic_type_only_is_no_usage() {
+        let s = scan(br#"{"usageMetadata": {"trafficType": "ON_DEMAND"}}"#);
+        assert_eq!(s.usage(), None);
+    }
+
+    #[test]
+    fn json_array_stream() {
+        let body = "[{\n  \"candidates\": [\n    {\n      \"content\": {\n        \"parts\": [\n          {\n            \"text\": \"Hel\"\n          }\n        ],\n        \"role\": \"model\"\n      }\n    }\n  ],\n  \"usageMetadata\": {\n    \"promptTokenCount\": 7,\n    \"candidatesTokenCount\": 1,\n    \"totalTokenCount\": 8\n  },\n  \"modelVersion\": \"gemini-2.5-flash-lite\"\n}\n,\r\n{\n  \"candidates\": [\n    {\n      \"content\": {\n        \"parts\": [\n          {\n            \"text\": \"lo\"\n          }\n        ],\n        \"role\": \"model\"\n      },\n      \"finishReason\": \"STOP\"\n    }\n  ],\n  \"usageMetadata\": {\n    \"promptTokenCount\": 7,\n    \"candidatesTokenCount\": 3,\n    \"totalTokenCount\": 10,\n    \"promptTokensDetails\": [\n      {\n        \"modality\": \"TEXT\",\n        \"tokenCount\": 4\n      },\n      {\n        \"modality\": \"AUDIO\",\n        \"tokenCount\": 3\n      }\n    ]\n  },\n  \"modelVersion\": \"gemini-2.5-flash-lite\"\n}\n]";
+        let s = scan_all_ways(body.as_bytes());
+        assert_eq!(
+            s.usage(),
+            Some(Usage {
+                prompt_tokens: 7,
+                candidates_tokens: 3,
+                total_tokens: 10,
+                audio_prompt_tokens: 3,
+                ..Usage::default()
+            })
+        );
+        assert_eq!(s.model_version(), Some("gemini-2.5-flash-lite"));
+        assert!(s.saw_finish_reason());
+    }
+
+    #[test]
+    fn json_array_error() {
+        let s = scan_all_ways(
+            b"[{\n  \"error\": {\n    \"code\": 429,\n    \"message\": \"quota\",\n    \"status\": \"RESOURCE_EXHAUSTED\"\n  }\n}\n]",
+        );
+        assert!(s.saw_error());
+        assert_eq!(s.usage(), None);
+    }
+
+    #[test]
+    fn thinking_without_candidates() {
+        let s = scan_all_ways(
+            br#"{"candidates":[{"content":{"role":"model"},"finishReason":"MAX_TOKENS","index":0}],"usageMetadata":{"promptTokenCount":21,"totalTokenCount":81,"promptTokensDetails":[{"modality":"TEXT","tokenCount":21}],"thoughtsTokenCount":60},"modelVersion":"gemini-2.5-flash"}"#,
+        );
+        let u = s.usage().unwrap();
+        assert_eq!(u.prompt_tokens, 21);
+        assert_eq!(u.candidates_tokens, 0);
+        assert_eq!(u.thoughts_tokens, 60);
+        assert_eq!(u.total_tokens, 81);
+        assert_eq!(u.completion_tokens(), 60);
+    }
+
+    #[test]
+    fn cached_tokens() {
+        let s = scan_all_ways(
+            br#"{"usageMetadata":{"promptTokenCount":2100,"candidatesTokenCount":12,"totalTokenCount":2112,"cachedContentTokenCount":2048,"cacheTokensDetails":[{"modality":"TEXT","tokenCount":2048}],"toolUsePromptTokenCount":5}}"#,
+        );
+        let u = s.usage().unwrap();
+        assert_eq!(u.cached_tokens, 2048);
+        assert_eq!(u.uncached_prompt_tokens(), 52);
+        assert_eq!(u.tool_use_prompt_tokens, 5);
+    }
+
+    #[test]
+    fn counted_tokens_falls_back_to_the_sum() {
+        let u = Usage {
+            prompt_tokens: 10,
+            candidates_tokens: 5,
+            thoughts_tokens: 3,
+            tool_use_prompt_tokens: 2,
+            ..Usage::default()
+        };
+        assert_eq!(u.counted_tokens(), 20);
+        assert_eq!(
+            Usage {
+                total_tokens: 7,
+                ..u
+            }
+            .counted_tokens(),
+            7
+        );
+    }
+
+    #[test]
+    fn nested_usage_metadata_is_not_taken() {
+        let body = br#"{"candidates":[{"content":{"parts":[{"functionCall":{"name":"report","args":{"usageMetadata":{"promptTokenCount":999999,"totalTokenCount":999999},"modelVersion":"evil","error":{"code":1}}}}]},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":40,"candidatesTokenCount":8,"totalTokenCount":48},"modelVersion":"gemini-2.5-pro"}"#;
+        let s = scan_all_ways(body);
+        assert_eq!(s.usage().unwrap().total_tokens, 48);
+        assert_eq!(s.model_version(), Some("gemini-2.5-pro"));
+        assert!(!s.saw_error());
+    }
+
+    #[test]
+    fn key_names_as_values_or_in_text_are_not_keys() {
+        let body = br#"{"candidates":[{"content":{"parts":[{"text":"usageMetadata"},{"text":"\"usageMetadata\": {\"totalTokenCount\": 5}"}]}}],"x":["usageMetadata",{"a":1}],"y":"error","modelVersion":"m"}"#;
+        let s = scan_all_ways(body);
+        assert_eq!(s.usage(), None);
+        assert!(!s.saw_error());
+        assert_eq!(s.model_version(), Some("m"));
+    }
+
+    #[test]
+    fn mid_stream_raw_error_after_sse() {
+        let body = [
+            sse_event(Some(31), 84, false),
+            "{\n  \"error\": {\n    \"code\": 503,\n    \"message\": \"The model is overloaded. Please try again later.\",\n    \"status\": \"UNAVAILABLE\"\n  }\n}\n".to_owned(),
+        ]
+        .concat();
+        let s = scan_all_ways(body.as_bytes());
+        assert!(s.saw_error());
+        assert!(!s.saw_finish_reason());
+        assert_eq!(s.usage().unwrap().candidates_tokens, 31);
+    }
+
+    #[test]
+    fn escaped_model_version() {
+        let s = scan_all_ways(br#"{"modelVersion":"gemini\u002d2.5\"x"}"#);
+        assert_eq!(s.model_version(), Some("gemini-2.5\"x"));
+        let long = format!(
+            r#"{{"modelVersion":"ok"}}{{"modelVersion":"{}"}}"#,
+            "m".repeat(300)
+        );
+        let s = scan(long.as_bytes());
+        assert_eq!(s.model_version(), Some("ok"));
+    }
+
+    #[test]
+    fn garbage_does_not_panic() {
+        let inputs: [&[u8]; 10] = [
+            b"",
+            b"}}}]]]\"\"\"",
+            b"data: [DONE]\n\n",
+            b"\xff\xfe\x00{\"usageMetadata\":\xff{\"a\"",
+            b"{\"usageMetadata\": {\"promptTokenCount\": \"x\"}}",
+            b"{\"usageMetadata\": {\"promptTokenCount\": true}}",
+            b"{\"usageMetadata\": 5, \"modelVersion\": 7}",
+            b"{\"usageMetadata\" \"x\" : {\"totalTokenCount\": 1}}",
+            b"{\"usageMetadata\": {\"promptTokenCount\": -4, \"totalTokenCount\": 1e3, \"candidatesTokenCount\": \"12\"}}",
+            b"\\\\\"{[{[{[\"\\",
+        ];
+        for input in inputs {
+            let s = scan_all_ways(input);
+            let _ = (s.usage(), s.model_version());
+        }
+        let s = scan(inputs[8]);
+        assert_eq!(
+            s.usage(),
+            Some(Usage {
+                prompt_tokens: 0,
+                total_tokens: 1000,
+                candidates_tokens: 12,
+                ..Usage::default()
+            })
+        );
+        // Pseudo-random bytes drawn from a JSON-ish alphabet.
+        let alphabet = b"{}[]\":,\\ usageMetadata modelVersion error 0123 \r\n data:";
+        let mut x: u32 = 12345;
+        let mut junk = Vec::new();
+        for _ in 0..20_000 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            junk.push(alphabet[(x >> 16) as usize % alphabet.len()]);
+        }
+        let mut s = UsageScanner::new();
+        for c in junk.chunks(7) {
+            s.feed(c);
+        }
+        assert!(s.cap_buf.capacity() <= USAGE_CAP);
+    }
+
+    #[test]
+    fn huge_strings_keep_memory_bounded() {
+        let text = "lorem ipsum \\\"x\\\" ".repeat(200_000);
+        let body = format!(
+            r#"{{"candidates":[{{"content":{{"parts":[{{"text":"{text}"}}]}}}}],"usageMetadata":{{"promptTokenCount":3,"candidatesTokenCount":4,"totalTokenCount":7,"junk":"{text}"}},"modelVersion":"{text}"}}{{"usageMetadata":{{"totalTokenCount":9}},"modelVersion":"gemini-2.5-flash"}}"#
+        );
+        let mut s = UsageScanner::new();
+        for c in body.as_bytes().chunks(65_536) {
+            s.feed(c);
+            assert!(s.cap_buf.capacity() <= USAGE_CAP);
+        }
+        // The oversized usage object is skipped; the next one is taken.
+        assert_eq!(
+            s.usage(),
+            Some(Usage {
+                total_tokens: 9,
+                ..Usage::default()
+            })
+        );
+        assert_eq!(s.model_version(), Some("gemini-2.5-flash"));
+        assert!(std::mem::size_of::<UsageScanner>() + s.cap_buf.capacity() <= 64 * 1024);
+    }
+
+    #[test]
+    fn huge_usage_object_just_under_the_cap_is_taken() {
+        let pad = "p".repeat(USAGE_CAP - 100);
+        let body = format!(r#"{{"usageMetadata":{{"totalTokenCount":5,"pad":"{pad}"}}}}"#);
+        let s = scan(body.as_bytes());
+        assert_eq!(s.usage().unwrap().total_tokens, 5);
+    }
+
+    #[test]
+    fn count_tokens_and_embed_have_no_usage() {
+        let s = scan_all_ways(
+            b"{\n  \"totalTokens\": 12,\n  \"promptTokensDetails\": [\n    {\n      \"modality\": \"TEXT\",\n      \"tokenCount\": 12\n    }\n  ]\n}\n",
+        );
+        assert_eq!(s.usage(), None);
+        let s = scan_all_ways(b"{\n  \"embedding\": {\n    \"values\": [\n      0.013,\n      -0.008\n    ]\n  }\n}\n");
+        assert_eq!(s.usage(), None);
+        assert_eq!(s.model_version(), None);
     }
 }

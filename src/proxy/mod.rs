@@ -1,1 +1,457 @@
-//! TODO
+//! The proxy port: identify the agent, admit the request against its budget, forward it
+//! (rewriting the model on degrade), and meter the response as it streams back.
+
+pub mod body;
+pub mod metered;
+pub mod upstream;
+
+use crate::budget::ledger::{Decision, Ledger};
+use crate::clock::Clock;
+use crate::config::{AgentBudget, Config};
+use crate::error::ProxyError;
+use crate::gemini::{body as gbody, parse_model_call, rewrite_model_in_path};
+use crate::identity::{identify, Identity, KeyPlace};
+use arc_swap::ArcSwap;
+use body::{PeekedBody, RequestBody, ResponseBody};
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
+use http::{HeaderMap, Request, Response};
+use hyper::body::Incoming;
+use metered::{Meter, MeteredBody};
+use std::sync::Arc;
+use std::time::Duration;
+use upstream::{Upstream, UpstreamClient};
+
+/// Tunables of the proxy port.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Longest wait for the upstream's response headers.
+    pub upstream_timeout: Duration,
+    /// Longest time spent reading an upstream body after the client left.
+    pub drain_timeout: Duration,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// How much of a request body is read before forwarding, to estimate its cost.
+    pub peek_bytes: usize,
+    /// Output estimate when a request has no `maxOutputTokens`.
+    pub default_output_tokens: u64,
+    /// The real key sent upstream in place of virtual keys.
+    pub gemini_api_key: Option<HeaderValue>,
+}
+
+/// State shared by every request.
+pub struct Shared {
+    /// The live config (one atomic load per request).
+    pub config: Arc<ArcSwap<Config>>,
+    /// Live counters.
+    pub ledger: Arc<Ledger>,
+    /// The injected clock.
+    pub clock: Arc<dyn Clock>,
+    /// The upstream base URL.
+    pub upstream: Upstream,
+    /// The pooled client.
+    pub client: UpstreamClient,
+    /// Background drains of bodies whose client left (shutdown waits for them).
+    pub drains: tokio_util::task::TaskTracker,
+    /// Tunables.
+    pub settings: ProxySettings,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("upstream", &self.upstream.display)
+            .finish()
+    }
+}
+
+const X_BUDGET_AGENT: HeaderName = HeaderName::from_static("x-budget-agent");
+const X_BUDGET_REMAINING: HeaderName = HeaderName::from_static("x-budget-remaining");
+const X_BUDGET_ACTION: HeaderName = HeaderName::from_static("x-budget-action");
+const X_BUDGET_MODEL: HeaderName = HeaderName::from_static("x-budget-model");
+const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
+const X_GOOG_UPLOAD_URL: HeaderName = HeaderName::from_static("x-goog-upload-url");
+
+/// The `x-budget-*` headers of a response.
+#[derive(Debug, Clone)]
+struct BudgetHeaders {
+    agent: HeaderValue,
+    remaining_tokens: u64,
+    action: &'static str,
+    model: Option<String>,
+}
+
+impl BudgetHeaders {
+    fn apply(&self, h: &mut HeaderMap) {
+        h.insert(X_BUDGET_AGENT, self.agent.clone());
+        h.insert(X_BUDGET_REMAINING, HeaderValue::from(self.remaining_tokens));
+        h.insert(X_BUDGET_ACTION, HeaderValue::from_static(self.action));
+        if let Some(m) = self
+            .model
+            .as_deref()
+            .and_then(|m| HeaderValue::from_str(m).ok())
+        {
+            h.insert(X_BUDGET_MODEL, m);
+        }
+    }
+}
+
+/// Answer a request on the proxy port. Never fails: errors become Gemini-shaped responses.
+pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ResponseBody> {
+    let mut budget_headers = None;
+    match forward(&shared, req, &mut budget_headers).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            if e.is_client_error() {
+                tracing::debug!(target: "proxy", error = %e, "request refused");
+            } else {
+                tracing::warn!(target: "proxy", error = %e, "request failed");
+            }
+            error_response(&e, budget_headers.as_ref())
+        }
+    }
+}
+
+fn error_response(e: &ProxyError, headers: Option<&BudgetHeaders>) -> Response<ResponseBody> {
+    let (parts, body) = e.to_response().into_parts();
+    let mut resp = Response::from_parts(parts, ResponseBody::full(body));
+    if let Some(h) = headers {
+        h.apply(resp.headers_mut());
+    }
+    resp
+}
+
+/// Whether a model method is billed by tokens (everything but `countTokens`).
+fn is_budgeted(method: &http::Method, model_method: Option<&str>) -> bool {
+    method == http::Method::POST && model_method.is_some_and(|m| m != "countTokens")
+}
+
+/// Methods whose bodies may name a model or a cachedContent that a degrade must look at.
+fn degrade_reads_body(model_method: &str) -> bool {
+    matches!(
+        model_method,
+        "generateContent"
+            | "streamGenerateContent"
+            | "batchEmbedContents"
+            | "batchGenerateContent"
+            | "countTokens"
+    )
+}
+
+async fn forward(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    budget_headers: &mut Option<BudgetHeaders>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let config = shared.config.load_full();
+    let (mut parts, body) = req.into_parts();
+    let full_path = parts.uri.path().to_string();
+    let query = parts.uri.query().map(str::to_string);
+    let ident = identify(&full_path, query.as_deref(), &parts.headers, &config)?;
+    let path = match &full_path[ident.prefix_len..] {
+        "" => "/",
+        p => p,
+    };
+    let budget: &AgentBudget = config.agent(&ident.agent).unwrap_or(&config.default);
+    let now = shared.clock.now();
+    let entry = shared
+        .ledger
+        .entry(
+            &ident.agent,
+            &budget.period,
+            now,
+            ident.dynamic.then_some(config.max_dynamic_agents),
+        )
+        .map_err(|cap| ProxyError::TooManyAgents {
+            agent: ident.agent.clone(),
+            cap: cap.0,
+        })?;
+    let agent_header = HeaderValue::from_str(&ident.agent)
+        .map_err(|_| ProxyError::BadAgentId(ident.agent.clone()))?;
+
+    let call = parse_model_call(path);
+    let content_length = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut peeked = PeekedBody::read(
+        body,
+        content_length,
+        shared.settings.peek_bytes,
+        shared.settings.max_body_bytes,
+    )
+    .await?;
+
+    let mut upstream_path = std::borrow::Cow::Borrowed(path);
+    let mut reservation = None;
+    let mut model = call.map(|c| c.model.to_string()).unwrap_or_default();
+    let mut rewritten_body: Option<Bytes> = None;
+
+    if is_budgeted(&parts.method, call.map(|c| c.method)) {
+        let estimate = estimate_tokens(&peeked, shared.settings.default_output_tokens);
+        let admission = shared.ledger.admit(&entry, budget, now, estimate);
+        let mut headers = BudgetHeaders {
+            agent: agent_header.clone(),
+            remaining_tokens: admission.remaining_tokens,
+            action: "allow",
+            model: None,
+        };
+        match admission.decision {
+            Decision::Allow => {}
+            Decision::Warn => {
+                headers.action = "warn";
+                if entry.should_log_warning(now) {
+                    tracing::warn!(target: "budget", agent = %ident.agent, max_tokens = budget.max_tokens,
+                        "agent is over its token budget; allowed (action_on_limit: warn)");
+                }
+            }
+            Decision::Degrade(fallback) => {
+                headers.action = "degrade";
+                headers.model = Some(fallback.clone());
+                // `call` is Some: budgeted requests are model calls.
+                if let Some(c) = call {
+                    if degrade_reads_body(c.method) {
+                        *budget_headers = Some(headers.clone());
+                        peeked = peeked.read_all(shared.settings.max_body_bytes).await?;
+                        if let Some(cached) = gbody::cached_content(&peeked.head) {
+                            if c.model != fallback {
+                                budget_headers.as_mut().map(|h| {
+                                    h.action = "block";
+                                    h.remaining_tokens = 0;
+                                    h.model = None;
+                                });
+                                return Err(ProxyError::BudgetExhausted {
+                                    message: format!(
+                                        "token budget of agent {:?} is exhausted and its action is degrade, but this request uses cachedContent {:?} made for model {:?}, which cannot be sent to the fallback model {:?}; send it without the cache, or wait for the reset",
+                                        ident.agent, cached, c.model, fallback
+                                    ),
+                                    retry_after_secs: crate::budget::ledger::secs_until(
+                                        shared.ledger.totals(&ident.agent, &budget.period, now).and_then(|t| t.window.end),
+                                        now,
+                                    ),
+                                });
+                            }
+                        }
+                        match gbody::rewrite_models_in_body(c.method, &peeked.head, &fallback) {
+                            Ok(Some(b)) => rewritten_body = Some(Bytes::from(b)),
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::debug!(target: "proxy", error = %e, "body is not JSON; model names in it not rewritten")
+                            }
+                        }
+                    }
+                    if let Some(p) = rewrite_model_in_path(path, &fallback) {
+                        upstream_path = std::borrow::Cow::Owned(p);
+                    }
+                }
+                model = fallback.trim_start_matches("models/").to_string();
+            }
+            Decision::Block { retry_after_secs } | Decision::Queue { retry_after_secs } => {
+                headers.action = "block";
+                headers.remaining_tokens = 0;
+                *budget_headers = Some(headers);
+                return Err(ProxyError::BudgetExhausted {
+                    message: exhausted_message(
+                        &ident.agent,
+                        budget,
+                        shared
+                            .ledger
+                            .totals(&ident.agent, &budget.period, now)
+                            .and_then(|t| t.window.end),
+                    ),
+                    retry_after_secs,
+                });
+            }
+        }
+        *budget_headers = Some(headers);
+        reservation = admission.reservation;
+    } else {
+        *budget_headers = Some(BudgetHeaders {
+            agent: agent_header.clone(),
+            remaining_tokens: shared.ledger.remaining(&entry, budget, now),
+            action: "allow",
+            model: None,
+        });
+    }
+
+    // Build the upstream request.
+    let public_base = public_base(&parts, &full_path[..ident.prefix_len]);
+    let query = match (ident.substitute_key, query) {
+        (Some(KeyPlace::Query), Some(q)) => Some(substitute_query_key(&q, shared, &ident)?),
+        (_, q) => q,
+    };
+    let uri = shared
+        .upstream
+        .uri(&upstream_path, query.as_deref())
+        .map_err(|e| ProxyError::BadRequestBody(format!("cannot build the upstream URL: {e}")))?;
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(HOST);
+    if ident.substitute_key == Some(KeyPlace::Header) {
+        let key = shared
+            .settings
+            .gemini_api_key
+            .clone()
+            .ok_or_else(|| ProxyError::NoUpstreamKey(ident.agent.clone()))?;
+        parts.headers.insert(X_GOOG_API_KEY, key);
+    }
+    let body = match rewritten_body {
+        Some(b) => {
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(b.len()));
+            RequestBody::Full(Some(b))
+        }
+        None => peeked.into_forward(),
+    };
+    parts.uri = uri;
+    // The client picks the upstream protocol (ALPN for https); never carry the inbound one.
+    parts.version = http::Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, body);
+
+    let sent = tokio::time::timeout(
+        shared.settings.upstream_timeout,
+        shared.client.request(upstream_req),
+    )
+    .await;
+    let resp = match sent {
+        Err(_) => {
+            return Err(ProxyError::UpstreamTimeout {
+                upstream: shared.upstream.display.clone(),
+                secs: shared.settings.upstream_timeout.as_secs(),
+            })
+        }
+        Ok(Err(e)) => {
+            return Err(ProxyError::UpstreamUnreachable {
+                upstream: shared.upstream.display.clone(),
+                reason: error_chain(&e),
+            })
+        }
+        Ok(Ok(resp)) => resp,
+    };
+
+    let (mut rparts, rbody) = resp.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    if let Some(h) = budget_headers.as_ref() {
+        h.apply(&mut rparts.headers);
+    }
+    rewrite_upload_url(&mut rparts.headers, &public_base);
+    let meter = reservation.map(|r| Meter::new(r, model, shared.clone()));
+    Ok(Response::from_parts(
+        rparts,
+        ResponseBody::Metered(MeteredBody::new(rbody, meter)),
+    ))
+}
+
+fn exhausted_message(
+    agent: &str,
+    budget: &AgentBudget,
+    end: Option<chrono::DateTime<chrono::Utc>>,
+) -> String {
+    let period = format!("{:?}", budget.period.period).to_lowercase();
+    match end {
+        Some(end) => format!(
+            "token budget of agent {agent:?} is exhausted ({} tokens per {period} period); it resets at {}. Retry after the reset or ask an operator to raise max_tokens.",
+            budget.max_tokens,
+            end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
+        None => format!(
+            "token budget of agent {agent:?} is exhausted ({} tokens, period infinite: it never resets). Ask an operator to raise max_tokens or reset the budget.",
+            budget.max_tokens
+        ),
+    }
+}
+
+/// Request body bytes / 4 plus the requested output (or the default output estimate).
+fn estimate_tokens(body: &PeekedBody, default_output: u64) -> u64 {
+    let input = body.len.unwrap_or(body.head.len() as u64) / 4;
+    let output = if body.complete {
+        gbody::max_output_tokens(&body.head).unwrap_or(default_output)
+    } else {
+        default_output
+    };
+    input.saturating_add(output)
+}
+
+fn substitute_query_key(q: &str, shared: &Shared, ident: &Identity) -> Result<String, ProxyError> {
+    let key = shared
+        .settings
+        .gemini_api_key
+        .as_ref()
+        .and_then(|k| k.to_str().ok())
+        .ok_or_else(|| ProxyError::NoUpstreamKey(ident.agent.clone()))?;
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+        if k == "key" {
+            out.append_pair("key", key);
+        } else {
+            out.append_pair(&k, &v);
+        }
+    }
+    Ok(out.finish())
+}
+
+/// The scheme + authority (+ agent prefix) the client used, for rewriting upload URLs.
+fn public_base(parts: &http::request::Parts, prefix: &str) -> Option<String> {
+    let host = parts
+        .headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))?;
+    let scheme = parts.uri.scheme_str().unwrap_or("http");
+    Some(format!("{scheme}://{host}{prefix}"))
+}
+
+/// Point a resumable upload's `x-goog-upload-url` back at the proxy (with the agent prefix).
+fn rewrite_upload_url(headers: &mut HeaderMap, public_base: &Option<String>) {
+    let (Some(base), Some(v)) = (public_base, headers.get(&X_GOOG_UPLOAD_URL)) else {
+        return;
+    };
+    let Ok(url) = v.to_str().and_then(|s| Ok(s.parse::<http::Uri>())) else {
+        return;
+    };
+    let Ok(url) = url else { return };
+    let pq = url.path_and_query().map_or("/", |p| p.as_str());
+    if let Ok(v) = HeaderValue::from_str(&format!("{base}{pq}")) {
+        headers.insert(X_GOOG_UPLOAD_URL, v);
+    }
+}
+
+/// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    ] {
+        h.remove(n);
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
