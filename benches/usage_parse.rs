@@ -96,7 +96,8 @@ fn sse_stream() -> (Vec<u8>, usize) {
     let mut candidates = 0;
     let mut events = 0;
     while out.len() < MIB {
-        let t = text(&mut rng, 100 + rng.below(1400) as usize);
+        let len = 100 + rng.below(1400) as usize;
+        let t = text(&mut rng, len);
         candidates += (t.len() / 4) as u64;
         out.push_str(&sse_event(&t, candidates, out.len() + 2000 > MIB));
         events += 1;

@@ -10,8 +10,8 @@ pub enum ProxyError {
     /// No path prefix, no `x-agent-id`, no virtual key.
     #[error("no agent identity: use the base URL http://<proxy>/agents/<agent_id>, or send the header x-agent-id: <agent_id>, or a virtual key listed in budgets.json")]
     NoIdentity,
-    /// The agent id has characters outside `[A-Za-z0-9._-]` or is too long.
-    #[error("invalid agent id {0:?}: use 1 to 64 characters from A-Z a-z 0-9 . _ -")]
+    /// The agent id has characters outside `[A-Za-z0-9._-]`, starts with `.` or is too long.
+    #[error("invalid agent id {0:?}: use 1 to 128 characters from A-Z a-z 0-9 . _ - (not starting with .)")]
     BadAgentId(String),
     /// The agent is not in budgets.json and `unknown_agents` is `reject`.
     #[error("agent {0:?} is not in budgets.json and unknown agents are rejected; add it to the file or ask an operator")]

@@ -6,7 +6,7 @@
 //! When an agent has `api_keys`, rules 1–2 also need one of its keys, so a header cannot
 //! spend another agent's budget. A virtual key is replaced by `GEMINI_API_KEY` upstream.
 
-use crate::config::{hash_api_key, AgentBudget, Config, UnknownAgents};
+use crate::config::{hash_api_key, valid_agent_id, AgentBudget, Config, UnknownAgents};
 use crate::error::ProxyError;
 use http::HeaderMap;
 
@@ -43,15 +43,6 @@ pub struct Identity {
     pub substitute_key: Option<KeyPlace>,
     /// The agent is not in the file (gets the `default` budget).
     pub dynamic: bool,
-}
-
-/// Agent ids: 1–64 of `[A-Za-z0-9._-]`.
-pub fn valid_agent_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The `/agents/{id}` prefix of a path: `(id, prefix length)`.

@@ -422,10 +422,8 @@ async fn warn_allows_over_the_limit() {
         let r = h.generate("loud").await;
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "x-budget-action"), expected);
-        assert_eq!(
-            header(&r, "x-budget-remaining"),
-            if expected == "allow" { "0" } else { "0" }
-        );
+        // The first request's own reservation already exceeds the 10-token budget.
+        assert_eq!(header(&r, "x-budget-remaining"), "0");
         let _ = r.bytes().await.unwrap();
     }
     let s = h.status("loud").await;

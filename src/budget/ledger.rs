@@ -66,6 +66,8 @@ pub struct AgentTotals {
 #[derive(Debug)]
 struct AgentState {
     window: Window,
+    /// The definition `window` was computed from (`None`: not yet known, e.g. seeded).
+    spec: Option<PeriodSpec>,
     committed: u64,
     reserved: u64,
     prompt: u64,
@@ -81,6 +83,7 @@ impl AgentState {
     fn new(window: Window) -> Self {
         Self {
             window,
+            spec: None,
             committed: 0,
             reserved: 0,
             prompt: 0,
@@ -97,7 +100,15 @@ impl AgentState {
     /// starts the next from zero; a period whose *definition* changed while it was running
     /// carries its usage into the new period (returned as a store rekey).
     fn align(&mut self, spec: &PeriodSpec, now: DateTime<Utc>) -> Option<(i64, Window)> {
+        // Fast path: same definition and `now` inside the window (no calendar arithmetic).
+        if self.spec.as_ref() == Some(spec)
+            && now >= self.window.start
+            && self.window.end.is_none_or(|end| now < end)
+        {
+            return None;
+        }
         let w = window(spec, now);
+        self.spec = Some(*spec);
         if w == self.window {
             return None;
         }
@@ -106,6 +117,7 @@ impl AgentState {
         if ended {
             let reserved = self.reserved;
             *self = AgentState::new(w);
+            self.spec = Some(*spec);
             self.reserved = reserved;
             None
         } else {
@@ -188,6 +200,8 @@ pub struct Admission {
     pub reservation: Option<Reservation>,
     /// `max − committed − reserved` after this admission, never negative.
     pub remaining_tokens: u64,
+    /// End of the running period (`None`: infinite).
+    pub resets_at: Option<DateTime<Utc>>,
 }
 
 /// What a finished request used.
@@ -497,6 +511,7 @@ impl Ledger {
                     decision,
                     reservation,
                     remaining_tokens,
+                    resets_at: st.window.end,
                 },
                 rekey,
                 refused,

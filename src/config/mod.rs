@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::Path;
 
+pub use resolve::valid_agent_id;
 pub use table::{describe_reset, AgentRow, DEFAULT_ROW};
 
 /// What happens when an agent reaches its limit.

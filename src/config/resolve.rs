@@ -535,7 +535,7 @@ fn check_model_id(s: &str) -> Option<String> {
 }
 
 /// Agent ids travel in URL paths and headers: a conservative alphabet.
-fn valid_agent_id(id: &str) -> bool {
+pub fn valid_agent_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_AGENT_ID_LEN
         && !id.starts_with('.')

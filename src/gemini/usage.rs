@@ -307,40 +307,53 @@ impl UsageScanner {
     /// Feed the next chunk of the body.
     pub fn feed(&mut self, chunk: &[u8]) {
         let n = chunk.len();
+        if n == 0 {
+            return;
+        }
         let mut i = 0usize;
         // Where the part of `chunk` still to be copied into `cap_buf` starts.
         let mut cap_from = 0usize;
-        while i < n {
-            if self.in_string {
-                if self.escape {
-                    self.escape = false;
-                    i += 1;
-                    continue;
-                }
-                let rest = &chunk[i..];
-                let Some(off) = memchr2(b'"', b'\\', rest) else {
-                    self.key_push(rest);
-                    i = n;
-                    continue;
-                };
-                self.key_push(&rest[..off]);
-                let j = i + off;
-                i = j + 1;
-                if chunk[j] == b'\\' {
-                    self.escape = true;
-                    self.key_ok = false;
-                    continue;
-                }
-                self.in_string = false;
-                if self.capture == Capture::Str {
-                    self.cap_append(&chunk[cap_from..i]);
-                    self.finish_model_version();
-                } else if self.key_ok {
-                    self.string_closed();
-                }
-                continue;
-            }
 
+        if self.in_string {
+            // Finish a string that an earlier chunk left open (the slow path: the key so far
+            // is in `self.key`).
+            if self.escape {
+                self.escape = false;
+                i = 1;
+            }
+            let mut escaped = false;
+            match scan_string(chunk, i, &mut escaped, &mut self.escape) {
+                None => {
+                    if escaped {
+                        self.key_ok = false;
+                    } else {
+                        self.key_push(&chunk[i..]);
+                    }
+                    if self.capture != Capture::None {
+                        self.cap_append(chunk);
+                    }
+                    return;
+                }
+                Some(end) => {
+                    if escaped {
+                        self.key_ok = false;
+                    } else {
+                        self.key_push(&chunk[i..end - 1]);
+                    }
+                    self.in_string = false;
+                    i = end;
+                    if self.capture == Capture::Str {
+                        self.cap_append(&chunk[..end]);
+                        self.finish_model_version();
+                    } else if self.key_ok {
+                        let key = self.key;
+                        self.match_key(&key[..usize::from(self.key_len)]);
+                    }
+                }
+            }
+        }
+
+        while i < n {
             let b = chunk[i];
             if self.after != After::Nothing {
                 if matches!(b, b' ' | b'\t' | b'\r' | b'\n') {
@@ -372,12 +385,31 @@ impl UsageScanner {
 
             match b {
                 b'"' => {
-                    if self.depth > 0 {
-                        self.in_string = true;
-                        self.key_len = 0;
-                        self.key_ok = true;
-                    }
                     i += 1;
+                    if self.depth == 0 {
+                        // Not inside any JSON value (e.g. SSE framing): not a string we track.
+                        continue;
+                    }
+                    let start = i;
+                    let mut escaped = false;
+                    match scan_string(chunk, start, &mut escaped, &mut self.escape) {
+                        Some(end) => {
+                            i = end;
+                            if self.capture == Capture::Str {
+                                self.cap_append(&chunk[cap_from..end]);
+                                self.finish_model_version();
+                            } else if !escaped {
+                                self.match_key(&chunk[start..end - 1]);
+                            }
+                        }
+                        None => {
+                            self.in_string = true;
+                            self.key_len = 0;
+                            self.key_ok = !escaped;
+                            self.key_push(&chunk[start..]);
+                            i = n;
+                        }
+                    }
                 }
                 b'{' | b'[' => {
                     if self.depth == 0 {
@@ -449,9 +481,12 @@ impl UsageScanner {
         }
     }
 
-    /// A string that may be a key closed: remember it if it is one we act on.
-    fn string_closed(&mut self) {
-        let key = &self.key[..usize::from(self.key_len)];
+    /// A string (without escapes) closed: if it may be a key we act on, wait for its `:`.
+    #[inline]
+    fn match_key(&mut self, key: &[u8]) {
+        if !matches!(key.len(), 5 | 12 | 13) {
+            return;
+        }
         let at_response = self.depth == self.response_depth;
         let k = match key {
             b"usageMetadata" if at_response => Key::UsageMetadata,
@@ -527,6 +562,72 @@ impl UsageScanner {
         }
         self.cap_buf.clear();
     }
+}
+
+/// Scan string content from `chunk[i..]` to its closing quote: `Some(index after the quote)`,
+/// or `None` when the chunk ends inside the string (`pending_escape` is then set when it ended
+/// right after a backslash). `escaped` is set when the string had any escape.
+#[inline(always)]
+fn scan_string(
+    chunk: &[u8],
+    mut i: usize,
+    escaped: &mut bool,
+    pending_escape: &mut bool,
+) -> Option<usize> {
+    // Keys and short values end within a few bytes: look for the end inline first.
+    let mut j = i + find_quote_or_backslash(chunk.get(i..)?)?;
+    loop {
+        if chunk[j] == b'"' {
+            return Some(j + 1);
+        }
+        *escaped = true;
+        i = j + 2;
+        if i > chunk.len() {
+            *pending_escape = true;
+            return None;
+        }
+        // Escapes often come in runs (`\n\n`, `\"`): check the next byte before memchr2.
+        j = match chunk.get(i) {
+            Some(b'"' | b'\\') => i,
+            Some(_) => i + 1 + memchr2(b'"', b'\\', &chunk[i + 1..])?,
+            None => return None,
+        };
+    }
+}
+
+/// The first `"` or backslash in `s`. Keys and short values end within a few bytes, so the
+/// first 16 are checked eight at a time with plain integer arithmetic (no call); longer strings
+/// go to SIMD `memchr2`.
+#[inline(always)]
+fn find_quote_or_backslash(s: &[u8]) -> Option<usize> {
+    if let Some(m) = swar_quote_or_backslash(s, 0) {
+        return Some(m);
+    }
+    if s.len() >= 16 {
+        if let Some(m) = swar_quote_or_backslash(s, 8) {
+            return Some(m);
+        }
+        return memchr2(b'"', b'\\', &s[16..]).map(|k| k + 16);
+    }
+    memchr2(b'"', b'\\', s.get(8..)?).map(|k| k + 8)
+}
+
+/// The first `"` or backslash in `s[at..at + 8]`, or `None` when there is none or fewer than 8
+/// bytes are left. SWAR: a byte equal to the pattern becomes zero after the XOR, and
+/// `(x - 0x01…) & !x & 0x80…` flags the lowest zero byte exactly (flags above it may be
+/// spurious, so only the lowest flag is used).
+#[inline(always)]
+fn swar_quote_or_backslash(s: &[u8], at: usize) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let bytes: [u8; 8] = s.get(at..at + 8)?.try_into().ok()?;
+    let w = u64::from_le_bytes(bytes);
+    let zero = |x: u64| x.wrapping_sub(LO) & !x & HI;
+    let m = zero(w ^ (LO * u64::from(b'"'))) | zero(w ^ (LO * u64::from(b'\\')));
+    if m == 0 {
+        return None;
+    }
+    Some(at + (m.trailing_zeros() / 8) as usize)
 }
 
 #[cfg(test)]

@@ -48,13 +48,13 @@ impl Meter {
         }
     }
 
-    fn finish(self, ending: Ending) {
+    fn finish(self: Box<Self>, ending: Ending) {
         let Meter {
             scanner,
             reservation,
             model,
             shared,
-        } = self;
+        } = *self;
         let model = scanner.model_version().map(str::to_string).unwrap_or(model);
         let agent = reservation.agent().to_string();
         let config = shared.config.load();
@@ -90,7 +90,8 @@ impl Meter {
 #[derive(Debug)]
 pub struct MeteredBody {
     inner: Option<Incoming>,
-    meter: Option<Meter>,
+    /// Boxed: most of a body's life is spent being polled, and the meter is large.
+    meter: Option<Box<Meter>>,
 }
 
 impl MeteredBody {
@@ -98,7 +99,7 @@ impl MeteredBody {
     pub fn new(inner: Incoming, meter: Option<Meter>) -> Self {
         Self {
             inner: Some(inner),
-            meter,
+            meter: meter.map(Box::new),
         }
     }
 
@@ -176,7 +177,7 @@ impl Drop for MeteredBody {
     }
 }
 
-async fn drain(mut body: Incoming, mut meter: Meter) {
+async fn drain(mut body: Incoming, mut meter: Box<Meter>) {
     let timeout = meter.shared.settings.drain_timeout;
     tracing::debug!(target: "proxy", agent = %meter.reservation.agent(), "client left mid-stream; draining upstream");
     let read = async {

@@ -5,7 +5,7 @@ pub mod body;
 pub mod metered;
 pub mod upstream;
 
-use crate::budget::ledger::{Decision, Ledger};
+use crate::budget::ledger::{secs_until, Decision, Ledger};
 use crate::clock::Clock;
 use crate::config::{AgentBudget, Config};
 use crate::error::ProxyError;
@@ -209,27 +209,25 @@ async fn forward(
             Decision::Degrade(fallback) => {
                 headers.action = "degrade";
                 headers.model = Some(fallback.clone());
-                // `call` is Some: budgeted requests are model calls.
+                // Budgeted requests are model calls, so `call` is present.
                 if let Some(c) = call {
                     if degrade_reads_body(c.method) {
                         *budget_headers = Some(headers.clone());
                         peeked = peeked.read_all(shared.settings.max_body_bytes).await?;
                         if let Some(cached) = gbody::cached_content(&peeked.head) {
                             if c.model != fallback {
-                                budget_headers.as_mut().map(|h| {
-                                    h.action = "block";
-                                    h.remaining_tokens = 0;
-                                    h.model = None;
+                                *budget_headers = Some(BudgetHeaders {
+                                    action: "block",
+                                    remaining_tokens: 0,
+                                    model: None,
+                                    ..headers
                                 });
                                 return Err(ProxyError::BudgetExhausted {
                                     message: format!(
-                                        "token budget of agent {:?} is exhausted and its action is degrade, but this request uses cachedContent {:?} made for model {:?}, which cannot be sent to the fallback model {:?}; send it without the cache, or wait for the reset",
-                                        ident.agent, cached, c.model, fallback
+                                        "token budget of agent {:?} is exhausted and its action is degrade, but this request uses cachedContent {cached:?} made for model {:?}, which cannot be sent to the fallback model {fallback:?}; send it without the cache, or wait for the reset",
+                                        ident.agent, c.model
                                     ),
-                                    retry_after_secs: crate::budget::ledger::secs_until(
-                                        shared.ledger.totals(&ident.agent, &budget.period, now).and_then(|t| t.window.end),
-                                        now,
-                                    ),
+                                    retry_after_secs: secs_until(admission.resets_at, now),
                                 });
                             }
                         }
@@ -252,14 +250,7 @@ async fn forward(
                 headers.remaining_tokens = 0;
                 *budget_headers = Some(headers);
                 return Err(ProxyError::BudgetExhausted {
-                    message: exhausted_message(
-                        &ident.agent,
-                        budget,
-                        shared
-                            .ledger
-                            .totals(&ident.agent, &budget.period, now)
-                            .and_then(|t| t.window.end),
-                    ),
+                    message: exhausted_message(&ident.agent, budget, admission.resets_at),
                     retry_after_secs,
                 });
             }
@@ -408,10 +399,9 @@ fn rewrite_upload_url(headers: &mut HeaderMap, public_base: &Option<String>) {
     let (Some(base), Some(v)) = (public_base, headers.get(&X_GOOG_UPLOAD_URL)) else {
         return;
     };
-    let Ok(url) = v.to_str().and_then(|s| Ok(s.parse::<http::Uri>())) else {
+    let Some(url) = v.to_str().ok().and_then(|s| s.parse::<http::Uri>().ok()) else {
         return;
     };
-    let Ok(url) = url else { return };
     let pq = url.path_and_query().map_or("/", |p| p.as_str());
     if let Ok(v) = HeaderValue::from_str(&format!("{base}{pq}")) {
         headers.insert(X_GOOG_UPLOAD_URL, v);
