@@ -50,5 +50,5 @@ else
 fi
 export BUDGET_PROXY_TEST_PYTHON="${BUDGET_PROXY_TEST_PYTHON:-$VENV/bin/python}"
 
-say "cargo test --all-targets $*"
-cargo test --all-targets "$@"
+say "cargo test --all-targets --no-fail-fast $*"
+cargo test --all-targets --no-fail-fast "$@"

@@ -2,14 +2,17 @@
 //! listeners, and shut down in order (stop accepting → drain → flush the store).
 
 use crate::admin::{self, AdminState};
+use crate::budget::alerts::AlertCenter;
 use crate::budget::ledger::Ledger;
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::live::LiveConfig;
+use crate::metrics::Metrics;
 use crate::proxy::{self, upstream, ProxySettings, Shared};
 use crate::server;
+use crate::store::ALERTS_KEPT;
 use crate::store::{LocalStore, Store, Writer};
+use crate::webhook::{WebhookSettings, Webhooks};
 use anyhow::Context as _;
-use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,8 +37,12 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// Longest wait for upstream response headers.
     pub upstream_timeout: Duration,
-    /// Upstream connect timeout.
+    /// Upstream connect timeout (TCP and TLS).
     pub connect_timeout: Duration,
+    /// How long an idle pooled upstream connection is kept.
+    pub upstream_idle_timeout: Duration,
+    /// TLS on the proxy and admin listeners.
+    pub tls: crate::tls::TlsOptions,
     /// Longest drain of an upstream body after the client left.
     pub drain_timeout: Duration,
     /// Longest wait for in-flight requests at shutdown.
@@ -48,6 +55,8 @@ pub struct Options {
     pub default_output_tokens: u64,
     /// `BUDGET_PROXY_ADMIN_TOKEN`.
     pub admin_token: Option<String>,
+    /// Watch budgets.json (and SIGHUP) with this debounce; `None`: no hot reload.
+    pub watch_config: Option<Duration>,
     /// `GEMINI_API_KEY`.
     pub gemini_api_key: Option<String>,
 }
@@ -60,6 +69,10 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// Live counters (for tests and tools in-process).
     pub ledger: Arc<Ledger>,
+    /// The live config.
+    pub live: Arc<LiveConfig>,
+    /// Budget alerts (listing, webhook counters).
+    pub alerts: Arc<AlertCenter>,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -79,7 +92,8 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
 
 /// Start with an injected clock.
 pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
-    let config = Config::load(&opts.config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let live = Arc::new(LiveConfig::load(&opts.config_path).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let config = live.get();
     if opts.admin_token.is_none() && !opts.admin_listen.ip().is_loopback() {
         anyhow::bail!(
             "--admin-listen {} is not a loopback address and BUDGET_PROXY_ADMIN_TOKEN is not set: set a token or bind the admin port to 127.0.0.1",
@@ -105,7 +119,13 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
     );
 
     let upstream = upstream::Upstream::parse(&opts.upstream)?;
-    let client = upstream::client(opts.upstream_ca.as_deref(), opts.connect_timeout)?;
+    let client = upstream::client(
+        opts.upstream_ca.as_deref(),
+        upstream::Timeouts {
+            connect: opts.connect_timeout,
+            idle: opts.upstream_idle_timeout,
+        },
+    )?;
     let gemini_api_key = match &opts.gemini_api_key {
         Some(k) => Some(
             http::HeaderValue::from_str(k)
@@ -113,11 +133,23 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
         ),
         None => None,
     };
-    let config = Arc::new(ArcSwap::from_pointee(config));
+    let alerts = Arc::new(AlertCenter::new(
+        Some(writer.clone()),
+        store
+            .load_alerts(ALERTS_KEPT)
+            .context("reading alerts from the embedded store")?,
+        Some(Webhooks::start(
+            live.snapshot(),
+            WebhookSettings::default(),
+        )?),
+    ));
+    let metrics = Arc::new(Metrics::default());
     let drains = tokio_util::task::TaskTracker::new();
     let shared = Arc::new(Shared {
-        config: config.clone(),
+        config: live.snapshot(),
+        metrics: metrics.clone(),
         ledger: ledger.clone(),
+        alerts: alerts.clone(),
         clock: clock.clone(),
         upstream,
         client,
@@ -131,13 +163,29 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
             gemini_api_key,
         },
     });
-    let admin_state = Arc::new(AdminState {
-        config,
-        ledger: ledger.clone(),
+    let admin_state = AdminState::new(
+        live.clone(),
+        ledger.clone(),
+        store.clone(),
         clock,
-        token: opts.admin_token.clone(),
-    });
+        opts.admin_token.clone(),
+        metrics,
+        None,
+    );
+    let watcher = match opts.watch_config {
+        Some(debounce) => Some(crate::config::live::watch(live.clone(), debounce)?),
+        None => None,
+    };
 
+    let reload = opts.tls.reload_interval;
+    let proxy_tls = match &opts.tls.listener {
+        Some(files) => Some(crate::tls::acceptor(files, "tls", reload).await?),
+        None => None,
+    };
+    let admin_tls = match &opts.tls.admin {
+        Some(files) => Some(crate::tls::acceptor(files, "admin-tls", reload).await?),
+        None => None,
+    };
     let proxy_listener = TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", opts.listen))?;
@@ -146,12 +194,14 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
         .with_context(|| format!("cannot listen on {} (--admin-listen)", opts.admin_listen))?;
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    tracing::info!(target: "server", proxy = %proxy_addr, admin = %admin_addr, upstream = %opts.upstream, "budget-proxy listening");
+    tracing::info!(target: "server", proxy = %proxy_addr, admin = %admin_addr, upstream = %opts.upstream,
+        proxy_tls = proxy_tls.is_some(), admin_tls = admin_tls.is_some(), "budget-proxy listening");
 
     let (stop, stop_rx) = watch::channel(false);
     let drain = opts.shutdown_timeout;
     let proxy_task = tokio::spawn(server::serve(
         proxy_listener,
+        proxy_tls,
         move |req| proxy::handle(shared.clone(), req),
         stop_rx.clone(),
         drain,
@@ -159,12 +209,15 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
     ));
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
+        admin_tls,
         move |req| admin::handle(admin_state.clone(), req),
         stop_rx,
         drain,
         "admin",
     ));
+    let alerts_stop = alerts.clone();
     let done = tokio::spawn(async move {
+        let _watcher = watcher;
         let _ = proxy_task.await;
         let _ = admin_task.await;
         // Bodies whose client left are still being drained: wait for them to settle.
@@ -172,7 +225,8 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
         if tokio::time::timeout(drain, drains.wait()).await.is_err() {
             tracing::warn!(target: "server", "drain deadline reached with upstream bodies still being read");
         }
-        writer.flush().await;
+        // The last settles' alerts: to the store, and to the webhooks within the deadline.
+        tokio::join!(writer.flush(), alerts_stop.shutdown(drain));
         writer_task.abort();
         tracing::info!(target: "server", "stopped; counters flushed");
     });
@@ -180,6 +234,8 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
         proxy_addr,
         admin_addr,
         ledger,
+        live,
+        alerts,
         stop,
         done,
     })
@@ -188,6 +244,7 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
 /// Run until SIGTERM or SIGINT, then shut down gracefully.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let running = start(opts).await?;
+    crate::config::live::reload_on_sighup(running.live.clone())?;
     wait_for_signal().await;
     tracing::info!(target: "server", "shutting down: draining in-flight requests");
     running.shutdown().await;

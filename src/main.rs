@@ -1,4 +1,5 @@
-//! The command line: `serve` (default), `check-config`, `status`. Nothing else lives here.
+//! The command line: `serve` (default), `check-config`, `status`, `gen-cert`. Nothing else
+//! lives here.
 
 use budget_proxy::app::{self, Options};
 use budget_proxy::config::Config;
@@ -28,6 +29,21 @@ enum Command {
     CheckConfig {
         /// The file (default: config/budgets.json).
         path: Option<PathBuf>,
+    },
+    /// Write a self-signed development certificate and key (cert.pem, key.pem) for TLS.
+    GenCert {
+        /// Host name or IP address the certificate is for (repeat for several).
+        #[arg(long = "host", default_values = ["localhost", "127.0.0.1", "::1"])]
+        hosts: Vec<String>,
+        /// Directory to write cert.pem and key.pem into.
+        #[arg(long, default_value = "certs")]
+        out_dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
     },
     /// Print every agent's usage from a running proxy's admin API.
     Status {
@@ -73,12 +89,18 @@ struct ServeArgs {
     /// Redis URL for shared counters across replicas (not available yet).
     #[arg(long, env = "BUDGET_PROXY_REDIS_URL")]
     redis_url: Option<String>,
-    /// PEM certificate for TLS on the proxy port (not available yet).
-    #[arg(long, env = "BUDGET_PROXY_TLS_CERT")]
+    /// PEM certificate chain for TLS on the proxy port (with --tls-key; reloaded on change).
+    #[arg(long, env = "BUDGET_PROXY_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
-    /// PEM private key for TLS on the proxy port (not available yet).
-    #[arg(long, env = "BUDGET_PROXY_TLS_KEY")]
+    /// PEM private key for TLS on the proxy port (with --tls-cert).
+    #[arg(long, env = "BUDGET_PROXY_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// PEM certificate chain for TLS on the admin port (with --admin-tls-key).
+    #[arg(long, env = "BUDGET_PROXY_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    admin_tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the admin port (with --admin-tls-cert).
+    #[arg(long, env = "BUDGET_PROXY_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    admin_tls_key: Option<PathBuf>,
     /// Extra CA certificate (PEM) trusted for the upstream.
     #[arg(long, env = "BUDGET_PROXY_UPSTREAM_CA")]
     upstream_ca: Option<PathBuf>,
@@ -88,6 +110,9 @@ struct ServeArgs {
     /// Seconds to wait for a TCP/TLS connection to the upstream (then 502).
     #[arg(long, env = "BUDGET_PROXY_CONNECT_TIMEOUT", default_value_t = 10)]
     connect_timeout: u64,
+    /// Seconds an unused pooled upstream connection is kept open.
+    #[arg(long, env = "BUDGET_PROXY_UPSTREAM_IDLE_TIMEOUT", default_value_t = 90)]
+    upstream_idle_timeout: u64,
     /// Seconds to keep reading an upstream body after its client left, to record usage.
     #[arg(long, env = "BUDGET_PROXY_DRAIN_TIMEOUT", default_value_t = 60)]
     drain_timeout: u64,
@@ -107,6 +132,9 @@ struct ServeArgs {
         default_value_t = 1024
     )]
     default_output_tokens: u64,
+    /// Reload budgets.json when the file changes (SIGHUP always reloads).
+    #[arg(long, env = "BUDGET_PROXY_WATCH_CONFIG", default_value_t = true, action = clap::ArgAction::Set)]
+    watch_config: bool,
     /// Log format: `text` or `json`.
     #[arg(long, env = "BUDGET_PROXY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -135,10 +163,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         eprintln!("error: --redis-url is not supported by this build yet (shared counters across replicas are planned); run without it to use the embedded store");
         return ExitCode::from(2);
     }
-    if args.tls_cert.is_some() || args.tls_key.is_some() {
-        eprintln!("error: --tls-cert/--tls-key are not supported by this build yet; terminate TLS in front of the proxy for now");
-        return ExitCode::from(2);
-    }
     let opts = Options {
         config_path: args.config,
         listen: args.listen,
@@ -148,11 +172,18 @@ fn serve(args: ServeArgs) -> ExitCode {
         state_dir: args.state_dir,
         upstream_timeout: Duration::from_secs(args.upstream_timeout),
         connect_timeout: Duration::from_secs(args.connect_timeout),
+        upstream_idle_timeout: Duration::from_secs(args.upstream_idle_timeout),
+        tls: budget_proxy::tls::TlsOptions {
+            listener: cert_files(args.tls_cert, args.tls_key),
+            admin: cert_files(args.admin_tls_cert, args.admin_tls_key),
+            ..Default::default()
+        },
         drain_timeout: Duration::from_secs(args.drain_timeout),
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         flush_interval: Duration::from_millis(args.flush_interval_ms.max(1)),
         max_body_bytes: args.max_body_bytes,
         default_output_tokens: args.default_output_tokens,
+        watch_config: args.watch_config.then(|| Duration::from_millis(200)),
         admin_token: env_secret("BUDGET_PROXY_ADMIN_TOKEN"),
         gemini_api_key: env_secret("GEMINI_API_KEY"),
     };
@@ -168,6 +199,41 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     match rt.block_on(app::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Both files, or none (clap makes each flag require the other).
+fn cert_files(cert: Option<PathBuf>, key: Option<PathBuf>) -> Option<budget_proxy::tls::CertFiles> {
+    Some(budget_proxy::tls::CertFiles {
+        cert: cert?,
+        key: key?,
+    })
+}
+
+fn gen_cert(hosts: &[String], out_dir: &std::path::Path, days: u32, force: bool) -> ExitCode {
+    match budget_proxy::tls::write_dev_cert(out_dir, hosts, days, force) {
+        Ok((cert, key)) => {
+            println!(
+                "wrote {} and {} (self-signed, for {}; valid {days} days)",
+                cert.display(),
+                key.display(),
+                hosts.join(", ")
+            );
+            println!(
+                "serve with:  budget-proxy serve --tls-cert {} --tls-key {}",
+                cert.display(),
+                key.display()
+            );
+            println!(
+                "trust it with e.g.:  curl --cacert {} https://localhost:8080/...",
+                cert.display()
+            );
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -223,5 +289,11 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::CheckConfig { path }) => check_config(path),
         Some(Command::Status { admin_url }) => status(&admin_url),
+        Some(Command::GenCert {
+            hosts,
+            out_dir,
+            days,
+            force,
+        }) => gen_cert(&hosts, &out_dir, days, force),
     }
 }

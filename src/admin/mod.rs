@@ -1,32 +1,197 @@
-//! The side port: budget status for operators and tools, health and readiness.
-//! `/api/*` needs `Authorization: Bearer $BUDGET_PROXY_ADMIN_TOKEN` (constant-time compare).
+//! The side port: budget status and control for operators and tools, metrics, health.
+//!
+//! HTTP is decoded into an [`AdminCommand`] and run by one [`apply`], which tests can call
+//! directly; errors map to responses in one place ([`AdminError::to_response`]).
+//! `/api/*` needs `Authorization: Bearer $BUDGET_PROXY_ADMIN_TOKEN` (constant-time compare);
+//! repeated failures from one address are refused for a while.
 
 pub mod client;
+mod openapi;
 pub mod status;
 
 use crate::budget::ledger::Ledger;
 use crate::clock::Clock;
-use crate::config::Config;
-use arc_swap::ArcSwap;
+use crate::config::live::{LiveConfig, UpdateError};
+use crate::config::valid_agent_id;
+use crate::metrics::{encode_counter, encode_gauges, Metrics};
+use crate::server::PeerAddr;
+use crate::store::{GroupBy, Store, UsageQuery};
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use dashmap::DashMap;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Registry;
+use serde_json::{json, Value};
+use std::net::IpAddr;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
-/// What the admin port reads.
+/// Largest admin request body.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Wrong tokens allowed per address per minute before 429.
+const MAX_AUTH_FAILURES: u32 = 10;
+
+/// What the admin port reads and changes.
 pub struct AdminState {
-    /// The live config.
-    pub config: Arc<ArcSwap<Config>>,
+    /// The live config (reloads, updates).
+    pub live: Arc<LiveConfig>,
     /// Live counters.
     pub ledger: Arc<Ledger>,
+    /// The store (history, readiness).
+    pub store: Arc<dyn Store>,
     /// The injected clock.
     pub clock: Arc<dyn Clock>,
     /// The bearer token (`None`: API open, only allowed on loopback).
     pub token: Option<String>,
+    /// Proxy counters.
+    pub metrics: Arc<Metrics>,
+    /// Alerts (their list and webhook counters).
+    pub alerts: Option<Arc<dyn AlertSource>>,
+    registry: Registry,
+    auth_failures: DashMap<Option<IpAddr>, (i64, u32)>,
 }
 
-fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+/// Where alerts come from (the alert center), as the admin port sees it.
+pub trait AlertSource: Send + Sync + 'static {
+    /// Alerts, newest first, filtered.
+    fn list_json(
+        &self,
+        agent: Option<&str>,
+        level: Option<&str>,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<Value, String>;
+    /// Webhook deliveries (ok, failed).
+    fn webhook_counts(&self) -> (u64, u64);
+}
+
+impl AdminState {
+    /// Assemble the admin state and its metrics registry.
+    pub fn new(
+        live: Arc<LiveConfig>,
+        ledger: Arc<Ledger>,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        token: Option<String>,
+        metrics: Arc<Metrics>,
+        alerts: Option<Arc<dyn AlertSource>>,
+    ) -> Arc<Self> {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Scrape {
+            live: live.clone(),
+            ledger: ledger.clone(),
+            clock: clock.clone(),
+            metrics: metrics.clone(),
+            alerts: alerts.clone(),
+        }));
+        registry.register(
+            "budget_proxy_upstream_latency_seconds",
+            "Time from sending a request upstream to its response headers",
+            metrics.upstream_latency.clone(),
+        );
+        registry.register(
+            "budget_proxy_overhead_seconds",
+            "Time the proxy spent on a request outside the upstream call",
+            metrics.proxy_overhead.clone(),
+        );
+        Arc::new(Self {
+            live,
+            ledger,
+            store,
+            clock,
+            token,
+            metrics,
+            alerts,
+            registry,
+            auth_failures: DashMap::new(),
+        })
+    }
+}
+
+/// Everything the admin API does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdminCommand {
+    /// STATUS of every agent.
+    StatusAll,
+    /// STATUS of one agent.
+    Status(String),
+    /// Partial update of an agent's budget (creates it if absent).
+    Update(String, Value),
+    /// Zero an agent's running period.
+    Reset(String),
+    /// Alerts, newest first.
+    Alerts {
+        /// Only this agent.
+        agent: Option<String>,
+        /// Only this level.
+        level: Option<String>,
+        /// Only alerts created at or after this instant.
+        since: Option<DateTime<Utc>>,
+    },
+    /// Usage history.
+    Usage(UsageQuery),
+    /// The loaded config's metadata.
+    Config,
+}
+
+/// Why an admin request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Missing or wrong token.
+    #[error("missing or wrong bearer token: send Authorization: Bearer $BUDGET_PROXY_ADMIN_TOKEN")]
+    Unauthorized,
+    /// Too many wrong tokens from this address.
+    #[error("too many failed authentications from this address; retry in {0} s")]
+    TooManyFailures(u64),
+    /// No such agent or route.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body is over 64 KiB.
+    #[error("request body is larger than 64 KiB")]
+    PayloadTooLarge,
+    /// A dependency (store, file) failed.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl AdminError {
+    fn status(&self) -> StatusCode {
+        match self {
+            AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::TooManyFailures(_) => StatusCode::TOO_MANY_REQUESTS,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AdminError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AdminError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// `{"error": {"code", "message"}}` with the status (and `Retry-After` on 429).
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        let status = self.status();
+        let mut r = json_response(
+            status,
+            &json!({"error": {"code": status.as_u16(), "message": self.to_string()}}),
+        );
+        if let AdminError::TooManyFailures(secs) = self {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+        }
+        if let AdminError::Unauthorized = self {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -36,61 +201,408 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
-fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    json(
-        status,
-        &serde_json::json!({"error": {"code": status.as_u16(), "message": message}}),
-    )
+fn text_response(content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
 }
 
-fn authorized<B>(state: &AdminState, req: &Request<B>) -> bool {
-    let Some(token) = &state.token else {
-        return true;
+fn known_agent(state: &AdminState, agent: &str) -> Result<(), AdminError> {
+    let config = state.live.get();
+    if config.agent(agent).is_some() || state.ledger.agent_ids().iter().any(|a| a == agent) {
+        Ok(())
+    } else {
+        Err(AdminError::NotFound(format!(
+            "unknown agent {agent:?}: it is not in budgets.json and has sent no request"
+        )))
+    }
+}
+
+fn one_status(state: &AdminState, agent: &str) -> Result<Value, AdminError> {
+    let config = state.live.get();
+    status::one(&config, &state.ledger, agent, state.clock.now()).ok_or_else(|| {
+        AdminError::NotFound(format!(
+            "unknown agent {agent:?}: it is not in budgets.json and has sent no request"
+        ))
+    })
+}
+
+/// Run one command.
+pub async fn apply(
+    state: &Arc<AdminState>,
+    cmd: AdminCommand,
+) -> Result<(StatusCode, Value), AdminError> {
+    match cmd {
+        AdminCommand::StatusAll => {
+            let config = state.live.get();
+            Ok((
+                StatusCode::OK,
+                status::all(&config, &state.ledger, state.clock.now()),
+            ))
+        }
+        AdminCommand::Status(agent) => Ok((StatusCode::OK, one_status(state, &agent)?)),
+        AdminCommand::Update(agent, patch) => {
+            if !valid_agent_id(&agent) {
+                return Err(AdminError::BadRequest(format!(
+                    "invalid agent id {agent:?}: use 1 to 128 characters from A-Z a-z 0-9 . _ - (not starting with .)"
+                )));
+            }
+            let live = state.live.clone();
+            let a = agent.clone();
+            let created = tokio::task::spawn_blocking(move || live.update_agent(&a, &patch))
+                .await
+                .map_err(|e| AdminError::Unavailable(format!("update task failed: {e}")))?
+                .map_err(|e| match e {
+                    UpdateError::Io { .. } => AdminError::Unavailable(e.to_string()),
+                    UpdateError::BadPatch(_) | UpdateError::Invalid(_) => {
+                        AdminError::BadRequest(e.to_string())
+                    }
+                })?;
+            let code = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((code, one_status(state, &agent)?))
+        }
+        AdminCommand::Reset(agent) => {
+            known_agent(state, &agent)?;
+            state.ledger.reset(&agent);
+            tracing::info!(target: "admin", agent = %agent, "budget reset");
+            Ok((StatusCode::OK, one_status(state, &agent)?))
+        }
+        AdminCommand::Alerts {
+            agent,
+            level,
+            since,
+        } => {
+            let Some(alerts) = &state.alerts else {
+                return Ok((StatusCode::OK, json!({"alerts": []})));
+            };
+            let list = alerts
+                .list_json(agent.as_deref(), level.as_deref(), since)
+                .map_err(AdminError::BadRequest)?;
+            Ok((StatusCode::OK, json!({"alerts": list})))
+        }
+        AdminCommand::Usage(q) => {
+            let store = state.store.clone();
+            let q2 = q.clone();
+            let rows = tokio::task::spawn_blocking(move || store.usage(&q2))
+                .await
+                .map_err(|e| AdminError::Unavailable(format!("usage task failed: {e}")))?
+                .map_err(|e| AdminError::Unavailable(e.to_string()))?;
+            let rows: Vec<Value> = rows
+                .into_iter()
+                .map(|r| {
+                    json!({
+                        "key": r.key,
+                        "prompt_tokens": r.prompt_tokens,
+                        "completion_tokens": r.completion_tokens,
+                        "cached_tokens": r.cached_tokens,
+                        "total_tokens": r.total_tokens,
+                        "requests": r.requests,
+                        "blocked": r.blocked,
+                        "cost_usd": status::usd(r.cost_pico),
+                        "cost_pico_usd": r.cost_pico.to_string(),
+                    })
+                })
+                .collect();
+            let group_by = match q.group_by {
+                GroupBy::Model => "model",
+                GroupBy::Day => "day",
+                GroupBy::Hour => "hour",
+            };
+            Ok((
+                StatusCode::OK,
+                json!({"agent": q.agent, "group_by": group_by, "rows": rows}),
+            ))
+        }
+        AdminCommand::Config => Ok((StatusCode::OK, json!(state.live.info()))),
+    }
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty())
+}
+
+fn parse_time(name: &str, v: Option<String>) -> Result<Option<DateTime<Utc>>, AdminError> {
+    v.map(|s| {
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| {
+                AdminError::BadRequest(format!(
+                    "{name}={s:?} is not an RFC 3339 time (e.g. 2026-11-29T00:00:00Z)"
+                ))
+            })
+    })
+    .transpose()
+}
+
+async fn read_json(body: Incoming) -> Result<Value, AdminError> {
+    let bytes = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(AdminError::PayloadTooLarge)
+        }
+        Err(e) => return Err(AdminError::BadRequest(format!("cannot read the body: {e}"))),
     };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        AdminError::BadRequest(format!(
+            "the body is not valid JSON: {e}; send an object of budget fields, e.g. {{\"max_tokens\": 4000000}}"
+        ))
+    })
+}
+
+/// The `/api` routes; the value is the index matched in [`decode`].
+static ROUTER: std::sync::LazyLock<matchit::Router<usize>> = std::sync::LazyLock::new(|| {
+    let mut router = matchit::Router::new();
+    let routes = [
+        "/api/budget/status",
+        "/api/budget/status/{agent}",
+        "/api/budget/update/{agent}",
+        "/api/budget/reset/{agent}",
+        "/api/budget/alerts",
+        "/api/budget/usage",
+        "/api/budget/config",
+    ];
+    for (i, r) in routes.iter().enumerate() {
+        // The patterns are fixed and distinct: insertion cannot fail.
+        let _ = router.insert(*r, i);
+    }
+    router
+});
+
+/// Decode a request into a command (the body is read only for updates).
+async fn decode(req: Request<Incoming>) -> Result<AdminCommand, AdminError> {
+    let router = &*ROUTER;
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let q = query.as_deref();
+    let Ok(m) = router.at(&path) else {
+        return Err(AdminError::NotFound(format!("no route {path}; see /docs")));
+    };
+    let agent = m
+        .params
+        .get("agent")
+        .map(str::to_string)
+        .unwrap_or_default();
+    let wrong_method =
+        || AdminError::NotFound(format!("{} {path} is not a route; see /docs", req.method()));
+    let method = req.method().clone();
+    match (*m.value, method) {
+        (0, Method::GET) => Ok(AdminCommand::StatusAll),
+        (1, Method::GET) => Ok(AdminCommand::Status(agent)),
+        (2, Method::PUT) | (2, Method::PATCH) => Ok(AdminCommand::Update(
+            agent,
+            read_json(req.into_body()).await?,
+        )),
+        (3, Method::POST) => Ok(AdminCommand::Reset(agent)),
+        (4, Method::GET) => {
+            let level = query_param(q, "level");
+            if let Some(l) = &level {
+                if !matches!(l.as_str(), "warning" | "critical" | "limit") {
+                    return Err(AdminError::BadRequest(format!(
+                        "level={l:?}: valid levels are warning, critical, limit"
+                    )));
+                }
+            }
+            Ok(AdminCommand::Alerts {
+                agent: query_param(q, "agent"),
+                level,
+                since: parse_time("since", query_param(q, "since"))?,
+            })
+        }
+        (5, Method::GET) => {
+            let group_by = match query_param(q, "group_by").as_deref() {
+                None | Some("model") => GroupBy::Model,
+                Some("day") => GroupBy::Day,
+                Some("hour") => GroupBy::Hour,
+                Some(other) => {
+                    return Err(AdminError::BadRequest(format!(
+                        "group_by={other:?}: valid values are model, day, hour"
+                    )))
+                }
+            };
+            Ok(AdminCommand::Usage(UsageQuery {
+                agent: query_param(q, "agent"),
+                group_by,
+                from: parse_time("from", query_param(q, "from"))?.map(|t| t.timestamp()),
+                to: parse_time("to", query_param(q, "to"))?.map(|t| t.timestamp()),
+            }))
+        }
+        (6, Method::GET) => Ok(AdminCommand::Config),
+        _ => Err(wrong_method()),
+    }
+}
+
+fn check_token<B>(state: &AdminState, req: &Request<B>) -> Result<(), AdminError> {
+    let Some(token) = &state.token else {
+        return Ok(());
+    };
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
+    let minute = state.clock.now().timestamp() / 60;
+    if let Some(f) = state.auth_failures.get(&peer) {
+        if f.0 == minute && f.1 >= MAX_AUTH_FAILURES {
+            let secs = 60 - state.clock.now().timestamp().rem_euclid(60);
+            return Err(AdminError::TooManyFailures(
+                u64::try_from(secs).unwrap_or(60),
+            ));
+        }
+    }
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    given.as_bytes().ct_eq(token.as_bytes()).into()
+    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        return Ok(());
+    }
+    let mut f = state.auth_failures.entry(peer).or_insert((minute, 0));
+    if f.0 != minute {
+        *f = (minute, 0);
+    }
+    f.1 += 1;
+    tracing::warn!(target: "admin", peer = ?peer, "admin API: wrong or missing token");
+    Err(AdminError::Unauthorized)
 }
 
 /// Answer a request on the admin port.
-pub async fn handle<B>(state: Arc<AdminState>, req: Request<B>) -> Response<Full<Bytes>> {
+pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/healthz") => {
-            return json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+            return json_response(StatusCode::OK, &json!({"status": "ok"}))
         }
         (&Method::GET, "/readyz") => {
-            return json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+            let store = state.store.clone();
+            let ready = tokio::task::spawn_blocking(move || store.ping()).await;
+            return match ready {
+                Ok(Ok(())) => {
+                    json_response(StatusCode::OK, &json!({"status": "ready", "store": "ok"}))
+                }
+                Ok(Err(e)) => json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "not ready", "store": e.to_string()}),
+                ),
+                Err(e) => json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "not ready", "store": e.to_string()}),
+                ),
+            };
+        }
+        (&Method::GET, "/metrics") => {
+            let mut out = String::new();
+            return match prometheus_client::encoding::text::encode(&mut out, &state.registry) {
+                Ok(()) => text_response(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    out,
+                ),
+                Err(_) => AdminError::Unavailable("cannot encode metrics".into()).to_response(),
+            };
+        }
+        (&Method::GET, "/openapi.json") => return text_response("application/json", openapi::SPEC),
+        (&Method::GET, "/docs") => {
+            return text_response("text/html; charset=utf-8", openapi::DOCS_HTML)
         }
         _ => {}
     }
-    if path.starts_with("/api/") && !authorized(&state, &req) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token: send Authorization: Bearer $BUDGET_PROXY_ADMIN_TOKEN",
-        );
+    if !path.starts_with("/api/") {
+        return AdminError::NotFound(format!("no route {path}; see /docs")).to_response();
     }
-    let config = state.config.load();
-    let now = state.clock.now();
-    match (req.method(), path) {
-        (&Method::GET, "/api/budget/status") => {
-            let v = status::all(&config, &state.ledger, now);
-            json(StatusCode::OK, &v)
+    if let Err(e) = check_token(&state, &req) {
+        return e.to_response();
+    }
+    let result = match decode(req).await {
+        Ok(cmd) => apply(&state, cmd).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok((code, v)) => json_response(code, &v),
+        Err(e) => e.to_response(),
+    }
+}
+
+/// Scrape-time metrics derived from the config and the ledger.
+struct Scrape {
+    live: Arc<LiveConfig>,
+    ledger: Arc<Ledger>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    alerts: Option<Arc<dyn AlertSource>>,
+}
+
+impl std::fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scrape")
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.metrics.encode_counters(&mut encoder)?;
+        let config = self.live.get();
+        let now = self.clock.now();
+        let mut ratios: Vec<(String, f64)> = Vec::new();
+        let mut ids: Vec<String> = config.agents.keys().cloned().collect();
+        ids.extend(
+            self.ledger
+                .agent_ids()
+                .into_iter()
+                .filter(|a| !config.agents.contains_key(a)),
+        );
+        for id in ids {
+            let b = config.budget_for(&id);
+            let used = self
+                .ledger
+                .totals(&id, &b.period, now)
+                .map_or(0, |t| t.committed_tokens);
+            ratios.push((id, used as f64 / b.max_tokens.max(1) as f64));
         }
-        (&Method::GET, p) if p.starts_with("/api/budget/status/") => {
-            let agent = &p["/api/budget/status/".len()..];
-            match status::one(&config, &state.ledger, agent, now) {
-                Some(v) => json(StatusCode::OK, &v),
-                None => error(
-                    StatusCode::NOT_FOUND,
-                    &format!("unknown agent {agent:?}: it is not in budgets.json and has sent no request"),
-                ),
-            }
-        }
-        _ => error(StatusCode::NOT_FOUND, "no such route"),
+        encode_gauges(
+            &mut encoder,
+            "budget_proxy_budget_used_ratio",
+            "Used tokens / max_tokens of the running period, per agent",
+            "agent",
+            ratios.iter().map(|(a, r)| (a.as_str(), *r)),
+        )?;
+        encode_gauges(
+            &mut encoder,
+            "budget_proxy_queue_depth",
+            "Requests parked by the queue action, per agent",
+            "agent",
+            std::iter::empty(),
+        )?;
+        let (ok, failed) = self.live.reload_counts();
+        encode_counter(
+            &mut encoder,
+            "budget_proxy_config_reloads",
+            "budgets.json reloads applied",
+            ok,
+        )?;
+        encode_counter(
+            &mut encoder,
+            "budget_proxy_config_reload_failures",
+            "budgets.json reloads refused (the last good config stayed)",
+            failed,
+        )?;
+        let (wok, wfailed) = self.alerts.as_ref().map_or((0, 0), |a| a.webhook_counts());
+        encode_counter(
+            &mut encoder,
+            "budget_proxy_webhook_deliveries",
+            "Alert webhook deliveries that succeeded",
+            wok,
+        )?;
+        encode_counter(
+            &mut encoder,
+            "budget_proxy_webhook_failures",
+            "Alert webhook deliveries that failed after all retries",
+            wfailed,
+        )?;
+        Ok(())
     }
 }

@@ -93,6 +93,20 @@ pub fn status(agent: &str, budget: &AgentBudget, ledger: &Ledger, now: DateTime<
                 .collect()
         })
         .unwrap_or_default();
+    // Projection at the current period's rate: used × period length / elapsed.
+    let cost_pico = t.as_ref().map_or(0, |t| t.cost_pico);
+    let (projected_tokens, projected_cost) = match w.end {
+        Some(end) => {
+            let elapsed = (now - w.start).num_seconds().max(1) as f64;
+            let length = (end - w.start).num_seconds().max(1) as f64;
+            let factor = (length / elapsed).max(1.0);
+            (
+                Some((used as f64 * factor).round() as u64),
+                Some(usd(cost_pico) * factor),
+            )
+        }
+        None => (None, None),
+    };
     json!({
         "agent_id": agent,
         "max_tokens": budget.max_tokens,
@@ -116,8 +130,10 @@ pub fn status(agent: &str, budget: &AgentBudget, ledger: &Ledger, now: DateTime<
         "blocked": t.as_ref().map_or(0, |t| t.blocked),
         "queued": 0,
         "deferred_jobs": 0,
-        "estimated_cost_usd": usd(t.as_ref().map_or(0, |t| t.cost_pico)),
-        "cost_pico_usd": t.as_ref().map_or(0, |t| t.cost_pico).to_string(),
+        "estimated_cost_usd": usd(cost_pico),
+        "cost_pico_usd": cost_pico.to_string(),
+        "projected_tokens_at_period_end": projected_tokens,
+        "projected_cost_usd": projected_cost,
         "by_model": by_model,
     })
 }

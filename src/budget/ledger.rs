@@ -158,6 +158,11 @@ impl AgentLedger {
         &self.id
     }
 
+    /// The agent id, shared (cheap to clone into metric labels).
+    pub fn id_arc(&self) -> Arc<str> {
+        self.id.clone()
+    }
+
     /// Whether an over-budget warning may be logged now (at most one a minute per agent).
     pub fn should_log_warning(&self, now: DateTime<Utc>) -> bool {
         let t = now.timestamp();
@@ -240,6 +245,17 @@ impl Charge {
     }
 }
 
+/// What [`Reservation::settle`] did to the agent's running period (for alert checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// Committed tokens of the period before the charge (0 when the charge opened a period).
+    pub before_tokens: u64,
+    /// Committed tokens of the period after the charge.
+    pub after_tokens: u64,
+    /// The period charged.
+    pub window: Window,
+}
+
 /// Tokens held for a request in flight. Settle it once; dropping it unsettled releases the
 /// hold (charges nothing), so a reservation is never leaked.
 #[derive(Debug)]
@@ -262,6 +278,11 @@ impl Reservation {
         &self.agent.id
     }
 
+    /// The agent id, shared.
+    pub fn agent_arc(&self) -> Arc<str> {
+        self.agent.id.clone()
+    }
+
     /// Replace the estimate (e.g. once the request body was read).
     pub fn set_estimate(&mut self, tokens: u64) {
         let mut st = self.agent.lock();
@@ -273,12 +294,14 @@ impl Reservation {
     }
 
     /// Turn the hold into real usage at `now` (the period that contains `now` is charged).
-    pub fn settle(mut self, charge: Charge, now: DateTime<Utc>) {
+    /// Returns the agent's committed tokens in that period before and after the charge.
+    pub fn settle(mut self, charge: Charge, now: DateTime<Utc>) -> Settled {
         self.settled = true;
-        let (rekey, delta) = {
+        let (rekey, delta, settled) = {
             let mut st = self.agent.lock();
             st.reserved = st.reserved.saturating_sub(self.estimate_tokens);
             let rekey = st.align(&self.spec, now);
+            let before_tokens = st.committed;
             st.committed = st.committed.saturating_add(charge.total_tokens);
             st.prompt += charge.prompt_tokens;
             st.completion += charge.completion_tokens;
@@ -296,6 +319,7 @@ impl Reservation {
                 period_start: st.window.start.timestamp(),
                 period_end: st.window.end.map(|e| e.timestamp()),
                 model: charge.model,
+                hour_start: now.timestamp() - now.timestamp().rem_euclid(3600),
                 prompt_tokens: charge.prompt_tokens,
                 completion_tokens: charge.completion_tokens,
                 cached_tokens: charge.cached_tokens,
@@ -304,7 +328,12 @@ impl Reservation {
                 blocked: 0,
                 cost_pico: charge.cost_pico,
             };
-            (rekey, delta)
+            let settled = Settled {
+                before_tokens,
+                after_tokens: st.committed,
+                window: st.window,
+            };
+            (rekey, delta, settled)
         };
         if let Some(w) = &self.writer {
             if let Some((from, win)) = rekey {
@@ -312,6 +341,7 @@ impl Reservation {
             }
             w.send(StoreOp::Add(delta));
         }
+        settled
     }
 }
 
@@ -526,6 +556,7 @@ impl Ledger {
                     agent: agent.id.to_string(),
                     period_start,
                     period_end,
+                    hour_start: now.timestamp() - now.timestamp().rem_euclid(3600),
                     blocked: 1,
                     ..UsageDelta::default()
                 }));
@@ -553,7 +584,7 @@ impl Ledger {
     }
 
     /// Record a refusal decided outside `admit` (e.g. a queue time-out).
-    pub fn count_refusal(&self, agent: &Arc<AgentLedger>) {
+    pub fn count_refusal(&self, agent: &Arc<AgentLedger>, now: DateTime<Utc>) {
         let (period_start, period_end) = {
             let mut st = agent.lock();
             st.blocked += 1;
@@ -567,6 +598,7 @@ impl Ledger {
                 agent: agent.id.to_string(),
                 period_start,
                 period_end,
+                hour_start: now.timestamp() - now.timestamp().rem_euclid(3600),
                 blocked: 1,
                 ..UsageDelta::default()
             }));

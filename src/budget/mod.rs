@@ -1,5 +1,6 @@
-//! Budgets: periods, prices and the ledger.
+//! Budgets: periods, prices, the ledger and alerts.
 
+pub mod alerts;
 pub mod ledger;
 pub mod period;
 pub mod pricing;

@@ -7,6 +7,7 @@
 //! *agent keys → `default` keys → built-in defaults*. Validation collects every problem,
 //! each naming the entry (`default`, `agents.sage`), the field and the valid values.
 
+pub mod live;
 pub mod raw;
 mod resolve;
 mod table;

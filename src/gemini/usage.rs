@@ -9,8 +9,8 @@
 
 use std::fmt;
 
-use memchr::memchr2;
-use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
+use memchr::memchr;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 /// Token counts of one response (`usageMetadata`); absent fields are 0.
@@ -81,124 +81,301 @@ impl Usage {
     }
 }
 
-/// The wire form of `usageMetadata`; unknown fields (`serviceTier`, `trafficType`, …) are
-/// skipped.
-#[derive(Deserialize)]
+/// The wire form of `usageMetadata` (`None` = absent or null); unknown fields (`serviceTier`,
+/// `trafficType`, `cacheTokensDetails`, …) are skipped.
+///
+/// `Deserialize` is written by hand rather than derived only for speed: a stream parses one of
+/// these per event, and reading field names as bytes (`deserialize_bytes`) spares serde_json a
+/// UTF-8 validation per key, which was the largest single cost of the scanner.
+#[derive(Default)]
 struct RawUsage {
-    #[serde(rename = "promptTokenCount", default, deserialize_with = "count")]
     prompt: Option<u64>,
-    #[serde(rename = "candidatesTokenCount", default, deserialize_with = "count")]
     candidates: Option<u64>,
-    #[serde(rename = "thoughtsTokenCount", default, deserialize_with = "count")]
     thoughts: Option<u64>,
-    #[serde(
-        rename = "toolUsePromptTokenCount",
-        default,
-        deserialize_with = "count"
-    )]
     tool_use_prompt: Option<u64>,
-    #[serde(
-        rename = "cachedContentTokenCount",
-        default,
-        deserialize_with = "count"
-    )]
     cached: Option<u64>,
-    #[serde(rename = "totalTokenCount", default, deserialize_with = "count")]
     total: Option<u64>,
-    #[serde(
-        rename = "promptTokensDetails",
-        default,
-        deserialize_with = "audio_tokens"
-    )]
+    /// Sum of the `AUDIO` entries of `promptTokensDetails`.
     audio_prompt: Option<u64>,
 }
 
-/// A token count: a number (negative → 0), a string holding one (proto3 JSON), or null (absent).
-fn count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    struct CountVisitor;
-    impl<'de> Visitor<'de> for CountVisitor {
-        type Value = Option<u64>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a token count")
-        }
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-            Ok(Some(v))
-        }
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-            Ok(Some(u64::try_from(v).unwrap_or(0)))
-        }
-        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
-            // `as` saturates: NaN and negatives become 0, huge values u64::MAX.
-            Ok(Some(v as u64))
-        }
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            Ok(v.trim().parse().ok())
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
-            d.deserialize_any(self)
-        }
-    }
-    d.deserialize_any(CountVisitor)
-}
-
-/// One `{modality, tokenCount}` entry of a `*TokensDetails` list.
-#[derive(Deserialize)]
-struct ModalityCount {
-    #[serde(default)]
-    modality: Option<Modality>,
-    #[serde(rename = "tokenCount", default, deserialize_with = "count")]
-    token_count: Option<u64>,
-}
-
-/// Only `AUDIO` is priced differently; every other modality is `Other` (no allocation).
-#[derive(Deserialize, PartialEq, Eq)]
-enum Modality {
-    #[serde(rename = "AUDIO")]
-    Audio,
-    #[serde(other)]
+/// The `usageMetadata` fields we read.
+enum UsageField {
+    Prompt,
+    Candidates,
+    Thoughts,
+    ToolUsePrompt,
+    Cached,
+    Total,
+    PromptDetails,
     Other,
 }
 
-/// The sum of the `AUDIO` entries of `promptTokensDetails` (0 when the list has none), or
-/// `None` when the list is null.
-fn audio_tokens<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    struct DetailsVisitor;
-    impl<'de> Visitor<'de> for DetailsVisitor {
-        type Value = Option<u64>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a list of modality token counts")
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut audio = 0u64;
-            while let Some(entry) = seq.next_element::<ModalityCount>()? {
-                if entry.modality == Some(Modality::Audio) {
-                    audio = audio.saturating_add(entry.token_count.unwrap_or(0));
-                }
-            }
-            Ok(Some(audio))
-        }
-        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            // Not the documented shape: skip it rather than reject the whole usage.
-            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
-            d.deserialize_any(self)
+impl UsageField {
+    fn from_name(name: &[u8]) -> Self {
+        match name {
+            b"promptTokenCount" => Self::Prompt,
+            b"candidatesTokenCount" => Self::Candidates,
+            b"thoughtsTokenCount" => Self::Thoughts,
+            b"toolUsePromptTokenCount" => Self::ToolUsePrompt,
+            b"cachedContentTokenCount" => Self::Cached,
+            b"totalTokenCount" => Self::Total,
+            b"promptTokensDetails" => Self::PromptDetails,
+            _ => Self::Other,
         }
     }
-    d.deserialize_any(DetailsVisitor)
+}
+
+impl<'de> Deserialize<'de> for UsageField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_bytes(NameVisitor)
+            .map(|n| Self::from_name(&n))
+    }
+}
+
+/// The fields of a `promptTokensDetails` entry.
+enum DetailField {
+    Modality,
+    TokenCount,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for DetailField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_bytes(NameVisitor).map(|n| match &n[..] {
+            b"modality" => Self::Modality,
+            b"tokenCount" => Self::TokenCount,
+            _ => Self::Other,
+        })
+    }
+}
+
+/// A field name or enum value, as raw bytes; only names we know fit in the buffer, longer
+/// ones come back empty (they match nothing, which is all that matters).
+struct NameVisitor;
+
+impl<'de> Visitor<'de> for NameVisitor {
+    type Value = NameBuf;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a name")
+    }
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+        Ok(NameBuf::new(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(NameBuf::new(v.as_bytes()))
+    }
+}
+
+/// A short name copied out of the input (no allocation).
+struct NameBuf {
+    buf: [u8; 24],
+    len: usize,
+}
+
+impl NameBuf {
+    fn new(v: &[u8]) -> Self {
+        let mut buf = [0u8; 24];
+        match buf.get_mut(..v.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(v);
+                Self { buf, len: v.len() }
+            }
+            None => Self { buf, len: 0 },
+        }
+    }
+}
+
+impl std::ops::Deref for NameBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl<'de> Deserialize<'de> for RawUsage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct UsageVisitor;
+        impl<'de> Visitor<'de> for UsageVisitor {
+            type Value = RawUsage;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("usageMetadata")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawUsage, A::Error> {
+                let mut raw = RawUsage::default();
+                while let Some(field) = map.next_key::<UsageField>()? {
+                    let slot = match field {
+                        UsageField::Prompt => &mut raw.prompt,
+                        UsageField::Candidates => &mut raw.candidates,
+                        UsageField::Thoughts => &mut raw.thoughts,
+                        UsageField::ToolUsePrompt => &mut raw.tool_use_prompt,
+                        UsageField::Cached => &mut raw.cached,
+                        UsageField::Total => &mut raw.total,
+                        UsageField::PromptDetails => {
+                            raw.audio_prompt = map.next_value::<AudioTokens>()?.0;
+                            continue;
+                        }
+                        UsageField::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = map.next_value::<Count>()?.0;
+                }
+                Ok(raw)
+            }
+        }
+        d.deserialize_map(UsageVisitor)
+    }
+}
+
+/// A token count: a number (negative → 0), a string holding one (proto3 JSON), or null (absent).
+struct Count(Option<u64>);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct CountVisitor;
+        impl<'de> Visitor<'de> for CountVisitor {
+            type Value = Option<u64>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a token count")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Some(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Some(u64::try_from(v).unwrap_or(0)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                // `as` saturates: NaN and negatives become 0, huge values u64::MAX.
+                Ok(Some(v as u64))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(v.trim().parse().ok())
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+                d.deserialize_any(self)
+            }
+        }
+        d.deserialize_any(CountVisitor).map(Count)
+    }
+}
+
+/// The sum of the `AUDIO` entries of a `promptTokensDetails` list (0 when it has none), or
+/// `None` when the value is null or not a list.
+struct AudioTokens(Option<u64>);
+
+impl<'de> Deserialize<'de> for AudioTokens {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct DetailsVisitor;
+        impl<'de> Visitor<'de> for DetailsVisitor {
+            type Value = Option<u64>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of modality token counts")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut audio = 0u64;
+                while let Some(entry) = seq.next_element::<ModalityCount>()? {
+                    if entry.audio {
+                        audio = audio.saturating_add(entry.tokens);
+                    }
+                }
+                Ok(Some(audio))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                // Not the documented shape: skip it rather than reject the whole usage.
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(None)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+                d.deserialize_any(self)
+            }
+        }
+        d.deserialize_any(DetailsVisitor).map(AudioTokens)
+    }
+}
+
+/// One `{modality, tokenCount}` entry of a `*TokensDetails` list: whether it is `AUDIO` (the
+/// only modality priced differently) and its count.
+struct ModalityCount {
+    audio: bool,
+    tokens: u64,
+}
+
+impl<'de> Deserialize<'de> for ModalityCount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct EntryVisitor;
+        impl<'de> Visitor<'de> for EntryVisitor {
+            type Value = ModalityCount;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a modality token count")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ModalityCount, A::Error> {
+                let mut entry = ModalityCount {
+                    audio: false,
+                    tokens: 0,
+                };
+                while let Some(field) = map.next_key::<DetailField>()? {
+                    match field {
+                        DetailField::Modality => {
+                            entry.audio = map.next_value::<Modality>()?.0;
+                        }
+                        DetailField::TokenCount => {
+                            entry.tokens = map.next_value::<Count>()?.0.unwrap_or(0);
+                        }
+                        DetailField::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(entry)
+            }
+        }
+        d.deserialize_map(EntryVisitor)
+    }
+}
+
+/// Whether a modality is `AUDIO`; anything else (including null) is not.
+struct Modality(bool);
+
+impl<'de> Deserialize<'de> for Modality {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ModalityVisitor;
+        impl<'de> Visitor<'de> for ModalityVisitor {
+            type Value = bool;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a modality")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<bool, E> {
+                Ok(v == b"AUDIO")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+                Ok(v == "AUDIO")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
+                Ok(false)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<bool, E> {
+                Ok(false)
+            }
+            fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<bool, D2::Error> {
+                d.deserialize_bytes(self)
+            }
+        }
+        d.deserialize_option(ModalityVisitor).map(Modality)
+    }
 }
 
 /// Longest key we need to recognise is `usageMetadata` (13 bytes).
@@ -318,31 +495,24 @@ impl UsageScanner {
             // Finish a string that an earlier chunk left open (the slow path: the key so far
             // is in `self.key`).
             if self.escape {
+                // The first byte is escaped; a string with an escape is no key of ours.
                 self.escape = false;
+                self.key_ok = false;
                 i = 1;
             }
-            let mut escaped = false;
-            match scan_string(chunk, i, &mut escaped, &mut self.escape) {
+            match scan_string(chunk, i, &mut self.escape) {
                 None => {
-                    if escaped {
-                        self.key_ok = false;
-                    } else {
-                        self.key_push(&chunk[i..]);
-                    }
-                    if self.capture != Capture::None {
+                    self.key_push(&chunk[i..]);
+                    if !matches!(self.capture, Capture::None) {
                         self.cap_append(chunk);
                     }
                     return;
                 }
                 Some(end) => {
-                    if escaped {
-                        self.key_ok = false;
-                    } else {
-                        self.key_push(&chunk[i..end - 1]);
-                    }
+                    self.key_push(&chunk[i..end - 1]);
                     self.in_string = false;
                     i = end;
-                    if self.capture == Capture::Str {
+                    if matches!(self.capture, Capture::Str) {
                         self.cap_append(&chunk[..end]);
                         self.finish_model_version();
                     } else if self.key_ok {
@@ -355,7 +525,7 @@ impl UsageScanner {
 
         while i < n {
             let b = chunk[i];
-            if self.after != After::Nothing {
+            if !matches!(self.after, After::Nothing) {
                 if matches!(b, b' ' | b'\t' | b'\r' | b'\n') {
                     i += 1;
                     continue;
@@ -391,21 +561,20 @@ impl UsageScanner {
                         continue;
                     }
                     let start = i;
-                    let mut escaped = false;
-                    match scan_string(chunk, start, &mut escaped, &mut self.escape) {
+                    match scan_string(chunk, start, &mut self.escape) {
                         Some(end) => {
                             i = end;
-                            if self.capture == Capture::Str {
+                            if matches!(self.capture, Capture::Str) {
                                 self.cap_append(&chunk[cap_from..end]);
                                 self.finish_model_version();
-                            } else if !escaped {
+                            } else if is_key_len(end - 1 - start) {
                                 self.match_key(&chunk[start..end - 1]);
                             }
                         }
                         None => {
                             self.in_string = true;
                             self.key_len = 0;
-                            self.key_ok = !escaped;
+                            self.key_ok = true;
                             self.key_push(&chunk[start..]);
                             i = n;
                         }
@@ -421,7 +590,7 @@ impl UsageScanner {
                 b'}' | b']' => {
                     self.depth = self.depth.saturating_sub(1);
                     i += 1;
-                    if self.capture == Capture::Object(self.depth) {
+                    if matches!(self.capture, Capture::Object(d) if d == self.depth) {
                         self.cap_append(&chunk[cap_from..i]);
                         self.finish_usage();
                     }
@@ -434,7 +603,7 @@ impl UsageScanner {
                 }
             }
         }
-        if self.capture != Capture::None && cap_from < n {
+        if !matches!(self.capture, Capture::None) && cap_from < n {
             self.cap_append(&chunk[cap_from..]);
         }
     }
@@ -484,7 +653,7 @@ impl UsageScanner {
     /// A string (without escapes) closed: if it may be a key we act on, wait for its `:`.
     #[inline]
     fn match_key(&mut self, key: &[u8]) {
-        if !matches!(key.len(), 5 | 12 | 13) {
+        if !is_key_len(key.len()) {
             return;
         }
         let at_response = self.depth == self.response_depth;
@@ -564,66 +733,69 @@ impl UsageScanner {
     }
 }
 
-/// Scan string content from `chunk[i..]` to its closing quote: `Some(index after the quote)`,
-/// or `None` when the chunk ends inside the string (`pending_escape` is then set when it ended
-/// right after a backslash). `escaped` is set when the string had any escape.
+/// Whether a string of this length can be one of the keys we act on (`error`,
+/// `modelVersion`, `finishReason`, `usageMetadata`): a cheap filter before comparing bytes.
 #[inline(always)]
-fn scan_string(
-    chunk: &[u8],
-    mut i: usize,
-    escaped: &mut bool,
-    pending_escape: &mut bool,
-) -> Option<usize> {
-    // Keys and short values end within a few bytes: look for the end inline first.
-    let mut j = i + find_quote_or_backslash(chunk.get(i..)?)?;
+fn is_key_len(len: usize) -> bool {
+    matches!(len, 5 | 12 | 13)
+}
+
+/// Scan string content from `chunk[from..]` (where `from` is not an escaped byte) to its
+/// closing quote: `Some(index after the quote)`, or `None` when the chunk ends inside the
+/// string, with `pending_escape` set when the chunk ended on an unpaired backslash (so the next
+/// chunk's first byte is escaped).
+///
+/// Only quotes stop the scan: a quote preceded by an odd run of backslashes is escaped, so the
+/// scan goes on after it. Other escapes (`\n`, `\\`, `\u00e9`), frequent in model output, cost
+/// nothing. Raw key bytes can then contain backslashes, but such a string never equals one of
+/// our (backslash-free) key names, so no key is taken by mistake.
+#[inline(always)]
+fn scan_string(chunk: &[u8], mut from: usize, pending_escape: &mut bool) -> Option<usize> {
     loop {
-        if chunk[j] == b'"' {
-            return Some(j + 1);
-        }
-        *escaped = true;
-        i = j + 2;
-        if i > chunk.len() {
-            *pending_escape = true;
+        let rest = chunk.get(from..)?;
+        let Some(off) = find_quote(rest) else {
+            *pending_escape = !trailing_backslashes(rest).is_multiple_of(2);
             return None;
-        }
-        // Escapes often come in runs (`\n\n`, `\"`): check the next byte before memchr2.
-        j = match chunk.get(i) {
-            Some(b'"' | b'\\') => i,
-            Some(_) => i + 1 + memchr2(b'"', b'\\', &chunk[i + 1..])?,
-            None => return None,
         };
-    }
-}
-
-/// The first `"` or backslash in `s`. Keys and short values end within a few bytes, so the
-/// first 16 are checked eight at a time with plain integer arithmetic (no call); longer strings
-/// go to SIMD `memchr2`.
-#[inline(always)]
-fn find_quote_or_backslash(s: &[u8]) -> Option<usize> {
-    if let Some(m) = swar_quote_or_backslash(s, 0) {
-        return Some(m);
-    }
-    if s.len() >= 16 {
-        if let Some(m) = swar_quote_or_backslash(s, 8) {
-            return Some(m);
+        let q = from + off;
+        if trailing_backslashes(&rest[..off]).is_multiple_of(2) {
+            return Some(q + 1);
         }
-        return memchr2(b'"', b'\\', &s[16..]).map(|k| k + 16);
+        // An escaped quote: the byte after it starts clean.
+        from = q + 1;
     }
-    memchr2(b'"', b'\\', s.get(8..)?).map(|k| k + 8)
 }
 
-/// The first `"` or backslash in `s[at..at + 8]`, or `None` when there is none or fewer than 8
-/// bytes are left. SWAR: a byte equal to the pattern becomes zero after the XOR, and
-/// `(x - 0x01…) & !x & 0x80…` flags the lowest zero byte exactly (flags above it may be
-/// spurious, so only the lowest flag is used).
+/// How many backslashes `s` ends with.
 #[inline(always)]
-fn swar_quote_or_backslash(s: &[u8], at: usize) -> Option<usize> {
+fn trailing_backslashes(s: &[u8]) -> usize {
+    s.iter().rev().take_while(|&&b| b == b'\\').count()
+}
+
+/// The first `"` in `s`. Keys and short values end within a few bytes, so the first 16 are
+/// checked eight at a time with plain integer arithmetic (no call); longer strings go to SIMD
+/// `memchr`.
+#[inline(always)]
+fn find_quote(s: &[u8]) -> Option<usize> {
+    if s.len() < 16 {
+        // The end of a chunk.
+        return s.iter().position(|&b| b == b'"');
+    }
+    swar_quote(s, 0)
+        .or_else(|| swar_quote(s, 8))
+        .or_else(|| memchr(b'"', &s[16..]).map(|k| k + 16))
+}
+
+/// The first `"` in `s[at..at + 8]`, or `None` when there is none or fewer than 8 bytes are
+/// left. SWAR: a `"` byte becomes zero after the XOR, and `(x - 0x01…) & !x & 0x80…` flags the
+/// lowest zero byte exactly (flags above it may be spurious, so only the lowest is used).
+#[inline(always)]
+fn swar_quote(s: &[u8], at: usize) -> Option<usize> {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
     let bytes: [u8; 8] = s.get(at..at + 8)?.try_into().ok()?;
-    let w = u64::from_le_bytes(bytes);
-    let zero = |x: u64| x.wrapping_sub(LO) & !x & HI;
-    let m = zero(w ^ (LO * u64::from(b'"'))) | zero(w ^ (LO * u64::from(b'\\')));
+    let x = u64::from_le_bytes(bytes) ^ (LO * u64::from(b'"'));
+    let m = x.wrapping_sub(LO) & !x & HI;
     if m == 0 {
         return None;
     }
@@ -907,6 +1079,39 @@ mod tests {
         );
         let s = scan(long.as_bytes());
         assert_eq!(s.model_version(), Some("ok"));
+    }
+
+    #[test]
+    fn backslash_runs_before_quotes_at_any_split() {
+        // Strings built from escape-heavy pieces, as text, as keys and as the model version;
+        // the model version the scanner reports must be serde_json's reading at every split.
+        let pieces = [
+            r"\\",
+            r#"\""#,
+            "a",
+            r"\n",
+            r"\u0022",
+            "usageMetadata",
+            r"\\\\",
+            r#"\\\""#,
+            "é",
+        ];
+        let mut x: u32 = 7;
+        for round in 0..200 {
+            let mut parts = Vec::new();
+            for _ in 0..(round % 7 + 1) {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                parts.push(pieces[(x >> 16) as usize % pieces.len()]);
+            }
+            let s = parts.concat();
+            let body = format!(
+                r#"{{"candidates":[{{"text":"{s}","{s}":"{s}\\"}}],"{s}":1,"usageMetadata":{{"totalTokenCount":{round}}},"modelVersion":"v{s}"}}"#
+            );
+            let want: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let sc = scan_all_ways(body.as_bytes());
+            assert_eq!(sc.model_version(), want["modelVersion"].as_str(), "{body}");
+            assert_eq!(sc.usage().unwrap().total_tokens, round as u64, "{body}");
+        }
     }
 
     #[test]

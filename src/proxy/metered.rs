@@ -8,6 +8,7 @@ use super::Shared;
 use crate::budget::ledger::{Charge, Reservation};
 use crate::budget::pricing::cost_pico;
 use crate::gemini::{Usage, UsageScanner};
+use crate::metrics::TokenKind;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -82,7 +83,23 @@ impl Meter {
         if price.is_none() && usage.counted_tokens() > 0 {
             tracing::debug!(target: "proxy", model = %model, "no price for model; cost counted as 0");
         }
-        reservation.settle(Charge::from_usage(&model, &usage, cost), shared.clock.now());
+        let now = shared.clock.now();
+        let agent_id = reservation.agent_arc();
+        let charge = Charge::from_usage(&model, &usage, cost);
+        let m = &shared.metrics;
+        m.tokens(&agent_id, &model, TokenKind::Prompt, charge.prompt_tokens);
+        m.tokens(
+            &agent_id,
+            &model,
+            TokenKind::Completion,
+            charge.completion_tokens,
+        );
+        m.tokens(&agent_id, &model, TokenKind::Cached, charge.cached_tokens);
+        m.tokens(&agent_id, &model, TokenKind::Total, charge.total_tokens);
+        let settled = reservation.settle(charge, now);
+        shared
+            .alerts
+            .check(&agent, config.budget_for(&agent), &settled, now);
     }
 }
 

@@ -45,6 +45,10 @@ pub struct Shared {
     pub config: Arc<ArcSwap<Config>>,
     /// Live counters.
     pub ledger: Arc<Ledger>,
+    /// Budget alerts, checked when a reservation is settled.
+    pub alerts: Arc<crate::budget::alerts::AlertCenter>,
+    /// Request and token counters for `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// The injected clock.
     pub clock: Arc<dyn Clock>,
     /// The upstream base URL.
@@ -75,6 +79,7 @@ const X_GOOG_UPLOAD_URL: HeaderName = HeaderName::from_static("x-goog-upload-url
 /// The `x-budget-*` headers of a response.
 #[derive(Debug, Clone)]
 struct BudgetHeaders {
+    agent_id: Arc<str>,
     agent: HeaderValue,
     remaining_tokens: u64,
     action: &'static str,
@@ -98,8 +103,10 @@ impl BudgetHeaders {
 
 /// Answer a request on the proxy port. Never fails: errors become Gemini-shaped responses.
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ResponseBody> {
+    let started = std::time::Instant::now();
     let mut budget_headers = None;
-    match forward(&shared, req, &mut budget_headers).await {
+    let mut upstream_wait = Duration::ZERO;
+    let resp = match forward(&shared, req, &mut budget_headers, &mut upstream_wait).await {
         Ok(resp) => resp,
         Err(e) => {
             if e.is_client_error() {
@@ -109,7 +116,20 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Res
             }
             error_response(&e, budget_headers.as_ref())
         }
+    };
+    let m = &shared.metrics;
+    match &budget_headers {
+        Some(h) => m.request(h.agent_id.clone(), h.action, resp.status().as_u16()),
+        None => m.request(Arc::from(""), "none", resp.status().as_u16()),
     }
+    if upstream_wait > Duration::ZERO {
+        crate::metrics::Metrics::observe(&m.upstream_latency, upstream_wait);
+    }
+    crate::metrics::Metrics::observe(
+        &m.proxy_overhead,
+        started.elapsed().saturating_sub(upstream_wait),
+    );
+    resp
 }
 
 fn error_response(e: &ProxyError, headers: Option<&BudgetHeaders>) -> Response<ResponseBody> {
@@ -142,6 +162,7 @@ async fn forward(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
     budget_headers: &mut Option<BudgetHeaders>,
+    upstream_wait: &mut Duration,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let config = shared.config.load_full();
     let (mut parts, body) = req.into_parts();
@@ -192,6 +213,7 @@ async fn forward(
         let estimate = estimate_tokens(&peeked, shared.settings.default_output_tokens);
         let admission = shared.ledger.admit(&entry, budget, now, estimate);
         let mut headers = BudgetHeaders {
+            agent_id: entry.id_arc(),
             agent: agent_header.clone(),
             remaining_tokens: admission.remaining_tokens,
             action: "allow",
@@ -259,6 +281,7 @@ async fn forward(
         reservation = admission.reservation;
     } else {
         *budget_headers = Some(BudgetHeaders {
+            agent_id: entry.id_arc(),
             agent: agent_header.clone(),
             remaining_tokens: shared.ledger.remaining(&entry, budget, now),
             action: "allow",
@@ -300,11 +323,13 @@ async fn forward(
     parts.version = http::Version::HTTP_11;
     let upstream_req = Request::from_parts(parts, body);
 
+    let sent_at = std::time::Instant::now();
     let sent = tokio::time::timeout(
         shared.settings.upstream_timeout,
         shared.client.request(upstream_req),
     )
     .await;
+    *upstream_wait = sent_at.elapsed();
     let resp = match sent {
         Err(_) => {
             return Err(ProxyError::UpstreamTimeout {
@@ -390,7 +415,11 @@ fn public_base(parts: &http::request::Parts, prefix: &str) -> Option<String> {
         .and_then(|h| h.to_str().ok())
         .map(str::to_string)
         .or_else(|| parts.uri.authority().map(|a| a.to_string()))?;
-    let scheme = parts.uri.scheme_str().unwrap_or("http");
+    // HTTP/1.1 request URIs carry no scheme: the listener marks requests that came over TLS.
+    let scheme = match parts.extensions.get::<crate::tls::Secure>() {
+        Some(_) => "https",
+        None => parts.uri.scheme_str().unwrap_or("http"),
+    };
     Some(format!("{scheme}://{host}{prefix}"))
 }
 
@@ -408,7 +437,8 @@ fn rewrite_upload_url(headers: &mut HeaderMap, public_base: &Option<String>) {
     }
 }
 
-/// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+/// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`,
+/// and `x-agent-id` (consumed by the proxy, like the `/agents/{id}` prefix).
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(http::header::CONNECTION)
@@ -421,6 +451,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         h.remove(n);
     }
     for n in [
+        // Our own identity header: the agent's name is not Google's business.
+        "x-agent-id",
         "connection",
         "proxy-connection",
         "keep-alive",

@@ -1,13 +1,24 @@
 //! The upstream: its base URL and the pooled client (rustls for https, HTTP/2 by ALPN).
+//!
+//! The client offers ALPN `h2` then `http/1.1`: against Google every request of the
+//! process shares a few HTTP/2 connections (multiplexed streams); an upstream without h2
+//! gets pooled HTTP/1.1 keep-alive connections. TCP connect plus TLS handshake are bounded
+//! by `--connect-timeout`, idle pooled connections are closed after
+//! `--upstream-idle-timeout`. A certificate the client rejects fails the connect with an
+//! error naming the reason (e.g. `invalid peer certificate: UnknownIssuer`) and a hint
+//! about `--upstream-ca`; the proxy turns it into a 502.
 
 use super::body::RequestBody;
 use anyhow::Context as _;
 use http::uri::{Authority, Scheme};
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// The parsed `--upstream` base URL.
@@ -68,13 +79,20 @@ impl Upstream {
 }
 
 /// The pooled upstream client.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+pub type UpstreamClient = Client<Connector, RequestBody>;
 
-/// Build the client: webpki roots plus `extra_ca` (PEM), TCP_NODELAY, keep-alive pool.
-pub fn client(
-    extra_ca: Option<&Path>,
-    connect_timeout: Duration,
-) -> anyhow::Result<UpstreamClient> {
+/// Timeouts of the upstream client.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP connect plus TLS handshake (`--connect-timeout`).
+    pub connect: Duration,
+    /// How long an unused pooled connection is kept (`--upstream-idle-timeout`).
+    pub idle: Duration,
+}
+
+/// Build the client: webpki roots plus `extra_ca` (PEM), ALPN h2 then http/1.1,
+/// TCP_NODELAY, keep-alive pool.
+pub fn client(extra_ca: Option<&Path>, timeouts: Timeouts) -> anyhow::Result<UpstreamClient> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
@@ -98,18 +116,17 @@ pub fn client(
             );
         }
     }
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS protocol versions")?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
+    http.set_connect_timeout(Some(timeouts.connect));
     http.set_keepalive(Some(Duration::from_secs(60)));
+    // enable_http2 after enable_http1: ALPN offers h2 first, http/1.1 as the fallback.
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -117,7 +134,95 @@ pub fn client(
         .enable_http2()
         .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_idle_timeout(timeouts.idle)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
         .pool_max_idle_per_host(1024)
-        .build(https))
+        .build(Connector {
+            inner: https,
+            timeout: timeouts.connect,
+        }))
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The HTTPS connector with the whole connection set-up (DNS, TCP, TLS) under one
+/// deadline, and TLS failures explained.
+#[derive(Clone, Debug)]
+pub struct Connector {
+    inner: HttpsConnector<HttpConnector>,
+    timeout: Duration,
+}
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri.clone());
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let host = uri.authority().map_or("?", |a| a.as_str()).to_string();
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(Ok(stream)) => Ok(stream),
+                Ok(Err(e)) => Err(explain(e, &host)),
+                Err(_) => Err(format!(
+                    "connecting to {host} (TCP and TLS) took longer than {} s (--connect-timeout)",
+                    timeout.as_secs_f64()
+                )
+                .into()),
+            }
+        })
+    }
+}
+
+/// A connect error: TLS failures get a message naming the rustls reason and a log line.
+#[derive(Debug)]
+struct TlsFailure {
+    message: String,
+}
+
+impl std::fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TlsFailure {}
+
+fn explain(e: BoxError, host: &str) -> BoxError {
+    let Some(tls) = find_rustls_error(e.as_ref()) else {
+        return e;
+    };
+    let hint = match tls {
+        rustls::Error::InvalidCertificate(_) => {
+            " (the upstream's certificate is not trusted: if a private CA signed it, pass that CA with --upstream-ca)"
+        }
+        _ => "",
+    };
+    let message = format!("TLS handshake with {host} failed: {tls}{hint}");
+    tracing::warn!(target: "upstream", host = %host, error = %tls, "upstream TLS handshake failed");
+    Box::new(TlsFailure { message })
+}
+
+/// The rustls error behind a connect error: io::Errors nest it (`get_ref`), and an
+/// io::Error's `source()` skips the error it wraps, so both paths are searched.
+fn find_rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        if let Some(tls) = find_rustls_error(inner) {
+            return Some(tls);
+        }
+    }
+    e.source().and_then(find_rustls_error)
 }

@@ -105,11 +105,16 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Msg>, every:
 /// costs one upsert per flush instead of one per request.
 fn coalesce(ops: Vec<StoreOp>) -> Vec<StoreOp> {
     let mut out: Vec<StoreOp> = Vec::with_capacity(ops.len());
-    let mut index: HashMap<(String, i64, String), usize> = HashMap::new();
+    let mut index: HashMap<(String, i64, String, i64), usize> = HashMap::new();
     for op in ops {
         match op {
             StoreOp::Add(d) => {
-                let key = (d.agent.clone(), d.period_start, d.model.clone());
+                let key = (
+                    d.agent.clone(),
+                    d.period_start,
+                    d.model.clone(),
+                    d.hour_start,
+                );
                 match index.get(&key) {
                     Some(&i) => {
                         if let Some(StoreOp::Add(acc)) = out.get_mut(i) {
@@ -122,6 +127,8 @@ fn coalesce(ops: Vec<StoreOp>) -> Vec<StoreOp> {
                     }
                 }
             }
+            // An alert touches no usage row: Adds on either side still merge.
+            alert @ StoreOp::Alert(_) => out.push(alert),
             other => {
                 index.clear();
                 out.push(other);

@@ -370,6 +370,8 @@ struct Inner {
     sent: Vec<Option<Usage>>,
     default: Behavior,
     queue: VecDeque<Behavior>,
+    /// TLS connections accepted (handshake done), for [`MockGemini::start_tls`] mocks.
+    tls_connections: usize,
 }
 
 impl State {
@@ -1075,5 +1077,101 @@ impl Body for ChannelBody {
                 "mock Gemini: connection cut",
             )))),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------
+
+impl MockGemini {
+    /// Starts on `127.0.0.1:0` serving the same routes over TLS with the PEM certificate
+    /// chain `cert_pem` (leaf first; it should name `127.0.0.1`) and PEM key `key_pem`.
+    /// ALPN offers `h2` and `http/1.1`; [`Received::version`] tells which one a request
+    /// used. `url` is `https://127.0.0.1:port`. Panics on a bad certificate or key.
+    pub async fn start_tls(cert_pem: &str, key_pem: &str) -> MockGemini {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("mock Gemini: certificate PEM");
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("mock Gemini: key PEM");
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("mock Gemini: TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("mock Gemini: certificate and key");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("mock Gemini: bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("mock Gemini: local address");
+        let url = format!("https://{addr}");
+        let state = Arc::new(State {
+            url: url.clone(),
+            inner: Mutex::new(Inner::default()),
+            notify: Notify::new(),
+        });
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(tls_accept_loop(listener, acceptor, state.clone(), rx));
+        MockGemini {
+            addr,
+            url,
+            state,
+            task,
+            _shutdown: tx,
+        }
+    }
+
+    /// TLS connections accepted so far (0 for a plain mock): with HTTP/2 one connection
+    /// carries many requests.
+    pub fn tls_connections(&self) -> usize {
+        self.state.lock().tls_connections
+    }
+}
+
+async fn tls_accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: Arc<State>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let acceptor = acceptor.clone();
+        let mut conn_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            // A client that rejects the certificate ends the handshake: nothing to serve.
+            let Ok(stream) = acceptor.accept(stream).await else {
+                return;
+            };
+            state.lock().tls_connections += 1;
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(state, req).await) }
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = conn_shutdown.changed() => {}
+            }
+        });
     }
 }
