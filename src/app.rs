@@ -1,9 +1,10 @@
 //! Wiring: load the config, open the store, seed the ledger, start the writer, bind both
 //! listeners, and shut down in order (stop accepting → drain → flush the store).
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminDeps, AdminState};
 use crate::budget::alerts::AlertCenter;
 use crate::budget::ledger::Ledger;
+use crate::budget::queue::Queues;
 use crate::clock::{Clock, SystemClock};
 use crate::config::live::LiveConfig;
 use crate::metrics::Metrics;
@@ -73,6 +74,7 @@ pub struct Running {
     pub live: Arc<LiveConfig>,
     /// Budget alerts (listing, webhook counters).
     pub alerts: Arc<AlertCenter>,
+    queues: Arc<Queues>,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -80,6 +82,8 @@ pub struct Running {
 impl Running {
     /// Stop accepting, drain, flush the store; returns when all is written.
     pub async fn shutdown(self) {
+        // Parked requests answer 503 at once instead of holding their connection.
+        self.queues.shut_down();
         let _ = self.stop.send(true);
         let _ = self.done.await;
     }
@@ -144,10 +148,12 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
         )?),
     ));
     let metrics = Arc::new(Metrics::default());
+    let queues = Arc::new(Queues::default());
     let drains = tokio_util::task::TaskTracker::new();
     let shared = Arc::new(Shared {
         config: live.snapshot(),
         metrics: metrics.clone(),
+        queues: queues.clone(),
         ledger: ledger.clone(),
         alerts: alerts.clone(),
         clock: clock.clone(),
@@ -163,15 +169,27 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
             gemini_api_key,
         },
     });
-    let admin_state = AdminState::new(
-        live.clone(),
-        ledger.clone(),
-        store.clone(),
-        clock,
-        opts.admin_token.clone(),
+    let admin_state = AdminState::new(AdminDeps {
+        live: live.clone(),
+        ledger: ledger.clone(),
+        store: store.clone(),
+        clock: clock.clone(),
+        token: opts.admin_token.clone(),
         metrics,
-        None,
-    );
+        queues: queues.clone(),
+        alerts: Some(alerts.clone() as Arc<dyn admin::AlertSource>),
+    });
+    // A config change (reload or admin update) may raise a limit: release parked requests.
+    {
+        let (live, ledger, queues, clock) =
+            (live.clone(), ledger.clone(), queues.clone(), clock.clone());
+        let mut changed = live.subscribe();
+        tokio::spawn(async move {
+            while changed.changed().await.is_ok() {
+                queues.release_all(&ledger, &live.get(), clock.now());
+            }
+        });
+    }
     let watcher = match opts.watch_config {
         Some(debounce) => Some(crate::config::live::watch(live.clone(), debounce)?),
         None => None,
@@ -236,6 +254,7 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
         ledger,
         live,
         alerts,
+        queues,
         stop,
         done,
     })

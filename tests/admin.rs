@@ -453,8 +453,11 @@ async fn hot_reload_applies_good_files_and_keeps_the_last_good_one() {
     assert_eq!(h.status("guardian").await["max_tokens"], 70);
 }
 
+/// One sample: name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
 /// `name{labels} value` lines of the Prometheus text format.
-fn parse_metrics(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+fn parse_metrics(text: &str) -> Vec<Sample> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| {
@@ -479,11 +482,7 @@ fn parse_metrics(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
         .collect()
 }
 
-fn metric(
-    m: &[(String, Vec<(String, String)>, f64)],
-    name: &str,
-    labels: &[(&str, &str)],
-) -> Option<f64> {
+fn metric(m: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     m.iter()
         .find(|(n, l, _)| {
             n == name

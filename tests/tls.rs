@@ -360,6 +360,42 @@ async fn untrusted_upstream_certificate_gives_502_naming_the_reason() {
 }
 
 #[tokio::test]
+async fn an_upstream_that_never_finishes_the_handshake_is_bounded_by_connect_timeout() {
+    // Accepts TCP connections and never answers the ClientHello.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            open.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("budgets.json");
+    std::fs::write(&config_path, CONFIG).unwrap();
+    let mut opts = options(
+        &dir.path().join("state"),
+        config_path,
+        &format!("https://{addr}"),
+    );
+    opts.connect_timeout = Duration::from_millis(300);
+    let app = app::start(opts).await.unwrap();
+    let started = Instant::now();
+    let r = reqwest::Client::new()
+        .post(format!("http://{}{GENERATE}", app.proxy_addr))
+        .json(&hello())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let body: serde_json::Value = r.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--connect-timeout"), "{message}");
+    held.abort();
+}
+
+#[tokio::test]
 async fn unusable_certificate_files_stop_startup_naming_the_file_and_reason() {
     let mock = MockGemini::start().await;
     let dir = tempfile::tempdir().unwrap();

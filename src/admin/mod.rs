@@ -9,7 +9,9 @@ pub mod client;
 mod openapi;
 pub mod status;
 
+use crate::budget::alerts::{AlertCenter, Level};
 use crate::budget::ledger::Ledger;
+use crate::budget::queue::Queues;
 use crate::clock::Clock;
 use crate::config::live::{LiveConfig, UpdateError};
 use crate::config::valid_agent_id;
@@ -49,6 +51,8 @@ pub struct AdminState {
     pub token: Option<String>,
     /// Proxy counters.
     pub metrics: Arc<Metrics>,
+    /// Parked requests (released after resets and updates).
+    pub queues: Arc<Queues>,
     /// Alerts (their list and webhook counters).
     pub alerts: Option<Arc<dyn AlertSource>>,
     registry: Registry,
@@ -68,46 +72,79 @@ pub trait AlertSource: Send + Sync + 'static {
     fn webhook_counts(&self) -> (u64, u64);
 }
 
+/// What the admin port is built from.
+pub struct AdminDeps {
+    /// The live config.
+    pub live: Arc<LiveConfig>,
+    /// Live counters.
+    pub ledger: Arc<Ledger>,
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The injected clock.
+    pub clock: Arc<dyn Clock>,
+    /// The bearer token.
+    pub token: Option<String>,
+    /// Proxy counters.
+    pub metrics: Arc<Metrics>,
+    /// Parked requests.
+    pub queues: Arc<Queues>,
+    /// Alerts.
+    pub alerts: Option<Arc<dyn AlertSource>>,
+}
+
 impl AdminState {
     /// Assemble the admin state and its metrics registry.
-    pub fn new(
-        live: Arc<LiveConfig>,
-        ledger: Arc<Ledger>,
-        store: Arc<dyn Store>,
-        clock: Arc<dyn Clock>,
-        token: Option<String>,
-        metrics: Arc<Metrics>,
-        alerts: Option<Arc<dyn AlertSource>>,
-    ) -> Arc<Self> {
+    pub fn new(d: AdminDeps) -> Arc<Self> {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Scrape {
-            live: live.clone(),
-            ledger: ledger.clone(),
-            clock: clock.clone(),
-            metrics: metrics.clone(),
-            alerts: alerts.clone(),
+            live: d.live.clone(),
+            ledger: d.ledger.clone(),
+            clock: d.clock.clone(),
+            metrics: d.metrics.clone(),
+            queues: d.queues.clone(),
+            alerts: d.alerts.clone(),
         }));
         registry.register(
             "budget_proxy_upstream_latency_seconds",
             "Time from sending a request upstream to its response headers",
-            metrics.upstream_latency.clone(),
+            d.metrics.upstream_latency.clone(),
         );
         registry.register(
             "budget_proxy_overhead_seconds",
             "Time the proxy spent on a request outside the upstream call",
-            metrics.proxy_overhead.clone(),
+            d.metrics.proxy_overhead.clone(),
         );
         Arc::new(Self {
-            live,
-            ledger,
-            store,
-            clock,
-            token,
-            metrics,
-            alerts,
+            live: d.live,
+            ledger: d.ledger,
+            store: d.store,
+            clock: d.clock,
+            token: d.token,
+            metrics: d.metrics,
+            queues: d.queues,
+            alerts: d.alerts,
             registry,
             auth_failures: DashMap::new(),
         })
+    }
+}
+
+impl AlertSource for AlertCenter {
+    fn list_json(
+        &self,
+        agent: Option<&str>,
+        level: Option<&str>,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<Value, String> {
+        let level = level
+            .map(|l| l.parse::<Level>().map_err(|e| e.to_string()))
+            .transpose()?;
+        serde_json::to_value(self.list(agent, level, since)).map_err(|e| e.to_string())
+    }
+
+    fn webhook_counts(&self) -> (u64, u64) {
+        let s = self.webhook_stats().snapshot();
+        (s.deliveries_ok, s.deliveries_failed)
     }
 }
 
@@ -135,6 +172,8 @@ pub enum AdminCommand {
     Usage(UsageQuery),
     /// The loaded config's metadata.
     Config,
+    /// Parked requests per agent.
+    Queue,
 }
 
 /// Why an admin request failed.
@@ -221,7 +260,14 @@ fn known_agent(state: &AdminState, agent: &str) -> Result<(), AdminError> {
 
 fn one_status(state: &AdminState, agent: &str) -> Result<Value, AdminError> {
     let config = state.live.get();
-    status::one(&config, &state.ledger, agent, state.clock.now()).ok_or_else(|| {
+    status::one(
+        &config,
+        &state.ledger,
+        &state.queues,
+        agent,
+        state.clock.now(),
+    )
+    .ok_or_else(|| {
         AdminError::NotFound(format!(
             "unknown agent {agent:?}: it is not in budgets.json and has sent no request"
         ))
@@ -238,7 +284,7 @@ pub async fn apply(
             let config = state.live.get();
             Ok((
                 StatusCode::OK,
-                status::all(&config, &state.ledger, state.clock.now()),
+                status::all(&config, &state.ledger, &state.queues, state.clock.now()),
             ))
         }
         AdminCommand::Status(agent) => Ok((StatusCode::OK, one_status(state, &agent)?)),
@@ -270,6 +316,9 @@ pub async fn apply(
             known_agent(state, &agent)?;
             state.ledger.reset(&agent);
             tracing::info!(target: "admin", agent = %agent, "budget reset");
+            state
+                .queues
+                .release_agent(&state.ledger, &state.live.get(), &agent, state.clock.now());
             Ok((StatusCode::OK, one_status(state, &agent)?))
         }
         AdminCommand::Alerts {
@@ -319,6 +368,17 @@ pub async fn apply(
             ))
         }
         AdminCommand::Config => Ok((StatusCode::OK, json!(state.live.info()))),
+        AdminCommand::Queue => {
+            let mut agents = serde_json::Map::new();
+            for (agent, _) in state.queues.depths() {
+                let (parked, oldest) = state.queues.depth(&agent);
+                agents.insert(
+                    agent,
+                    json!({"parked": parked, "oldest_wait_ms": oldest.map(|d| d.as_millis() as u64)}),
+                );
+            }
+            Ok((StatusCode::OK, json!({"agents": agents})))
+        }
     }
 }
 
@@ -368,6 +428,7 @@ static ROUTER: std::sync::LazyLock<matchit::Router<usize>> = std::sync::LazyLock
         "/api/budget/alerts",
         "/api/budget/usage",
         "/api/budget/config",
+        "/api/budget/queue",
     ];
     for (i, r) in routes.iter().enumerate() {
         // The patterns are fixed and distinct: insertion cannot fail.
@@ -435,6 +496,7 @@ async fn decode(req: Request<Incoming>) -> Result<AdminCommand, AdminError> {
             }))
         }
         (6, Method::GET) => Ok(AdminCommand::Config),
+        (7, Method::GET) => Ok(AdminCommand::Queue),
         _ => Err(wrong_method()),
     }
 }
@@ -529,6 +591,7 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
 
 /// Scrape-time metrics derived from the config and the ledger.
 struct Scrape {
+    queues: Arc<Queues>,
     live: Arc<LiveConfig>,
     ledger: Arc<Ledger>,
     clock: Arc<dyn Clock>,
@@ -575,7 +638,10 @@ impl Collector for Scrape {
             "budget_proxy_queue_depth",
             "Requests parked by the queue action, per agent",
             "agent",
-            std::iter::empty(),
+            self.queues
+                .depths()
+                .iter()
+                .map(|(a, n)| (a.as_str(), *n as f64)),
         )?;
         let (ok, failed) = self.live.reload_counts();
         encode_counter(

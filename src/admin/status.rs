@@ -2,6 +2,7 @@
 
 use crate::budget::ledger::{secs_until, Ledger};
 use crate::budget::period::Period;
+use crate::budget::queue::Queues;
 use crate::config::{Action, AgentBudget, Config, Priority};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Value};
@@ -58,7 +59,13 @@ pub fn usd(pico: u128) -> f64 {
 }
 
 /// STATUS of one agent with `budget`.
-pub fn status(agent: &str, budget: &AgentBudget, ledger: &Ledger, now: DateTime<Utc>) -> Value {
+pub fn status(
+    agent: &str,
+    budget: &AgentBudget,
+    ledger: &Ledger,
+    queues: &Queues,
+    now: DateTime<Utc>,
+) -> Value {
     let t = ledger.totals(agent, &budget.period, now);
     let w = t
         .as_ref()
@@ -128,7 +135,7 @@ pub fn status(agent: &str, budget: &AgentBudget, ledger: &Ledger, now: DateTime<
         "health": health(percentage),
         "requests": t.as_ref().map_or(0, |t| t.requests),
         "blocked": t.as_ref().map_or(0, |t| t.blocked),
-        "queued": 0,
+        "queued": queues.depth(agent).0,
         "deferred_jobs": 0,
         "estimated_cost_usd": usd(cost_pico),
         "cost_pico_usd": cost_pico.to_string(),
@@ -139,18 +146,24 @@ pub fn status(agent: &str, budget: &AgentBudget, ledger: &Ledger, now: DateTime<
 }
 
 /// STATUS of `agent` if it is in the file or the ledger knows it.
-pub fn one(config: &Config, ledger: &Ledger, agent: &str, now: DateTime<Utc>) -> Option<Value> {
+pub fn one(
+    config: &Config,
+    ledger: &Ledger,
+    queues: &Queues,
+    agent: &str,
+    now: DateTime<Utc>,
+) -> Option<Value> {
     match config.agent(agent) {
-        Some(b) => Some(status(agent, b, ledger, now)),
+        Some(b) => Some(status(agent, b, ledger, queues, now)),
         None if ledger.totals(agent, &config.default.period, now).is_some() => {
-            Some(status(agent, &config.default, ledger, now))
+            Some(status(agent, &config.default, ledger, queues, now))
         }
         None => None,
     }
 }
 
 /// `{"agents": {...}, "generated_at": …}` for every agent in the file or the ledger.
-pub fn all(config: &Config, ledger: &Ledger, now: DateTime<Utc>) -> Value {
+pub fn all(config: &Config, ledger: &Ledger, queues: &Queues, now: DateTime<Utc>) -> Value {
     let mut ids: Vec<String> = config.agents.keys().cloned().collect();
     for id in ledger.agent_ids() {
         if !config.agents.contains_key(&id) {
@@ -160,7 +173,7 @@ pub fn all(config: &Config, ledger: &Ledger, now: DateTime<Utc>) -> Value {
     ids.sort();
     let agents: serde_json::Map<String, Value> = ids
         .iter()
-        .filter_map(|id| one(config, ledger, id, now).map(|v| (id.clone(), v)))
+        .filter_map(|id| one(config, ledger, queues, id, now).map(|v| (id.clone(), v)))
         .collect();
     json!({"agents": agents, "generated_at": rfc3339(now)})
 }

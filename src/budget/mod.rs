@@ -4,3 +4,4 @@ pub mod alerts;
 pub mod ledger;
 pub mod period;
 pub mod pricing;
+pub mod queue;

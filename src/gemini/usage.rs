@@ -378,8 +378,9 @@ impl<'de> Deserialize<'de> for Modality {
     }
 }
 
-/// Longest key we need to recognise is `usageMetadata` (13 bytes).
-const KEY_CAP: usize = 16;
+/// Bytes of a key kept for matching: our longest names are 23 bytes
+/// (`cachedContentTokenCount`); a longer key inside a `usageMetadata` object makes it opaque.
+const KEY_CAP: usize = 32;
 /// Most bytes of one `usageMetadata` object kept; a larger one is skipped.
 const USAGE_CAP: usize = 16 * 1024;
 /// Most bytes of a `modelVersion` string (without its quotes) kept; a longer one is skipped.
@@ -404,7 +405,22 @@ enum After {
     KeyEnd(Key),
     /// `"key":` seen; the next non-whitespace byte starts its value.
     Value(Key),
+    /// A string naming a `usageMetadata` field (its `FIELD_*` bit) closed at the top level of
+    /// the captured object; a `:` makes it a key.
+    FieldEnd(u8),
+    /// `"field":` seen; the next non-whitespace byte starts its value.
+    FieldValue(u8),
 }
+
+/// Bits of the `usageMetadata` fields a captured object is known to set (see
+/// [`UsageScanner::finish_usage`]).
+const FIELD_PROMPT: u8 = 1;
+const FIELD_CANDIDATES: u8 = 1 << 1;
+const FIELD_THOUGHTS: u8 = 1 << 2;
+const FIELD_TOOL_USE_PROMPT: u8 = 1 << 3;
+const FIELD_CACHED: u8 = 1 << 4;
+const FIELD_TOTAL: u8 = 1 << 5;
+const FIELD_PROMPT_DETAILS: u8 = 1 << 6;
 
 /// The value being copied out of the stream, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -463,9 +479,25 @@ pub struct UsageScanner {
     cap_buf: Vec<u8>,
     /// The value being copied grew past its cap and will be dropped.
     cap_overflow: bool,
-    /// Usage merged so far.
+    /// `FIELD_*` bits the `usageMetadata` being copied surely sets (a number or, for the
+    /// details, a list).
+    cap_fields: u8,
+    /// `FIELD_*` bits the `usageMetadata` being copied may set (its key is there at all).
+    cap_maybe: u8,
+    /// The `usageMetadata` being copied has a top-level key we cannot read without parsing
+    /// (escaped or over-long), so it may set fields `cap_fields` does not show.
+    cap_opaque: bool,
+    /// The last complete `usageMetadata`, not parsed yet (capacity at most `USAGE_CAP`).
+    pending: Vec<u8>,
+    /// `pending` holds an object.
+    has_pending: bool,
+    /// `cap_maybe` of `pending`.
+    pending_maybe: u8,
+    /// `cap_opaque` of `pending`.
+    pending_opaque: bool,
+    /// Usage merged from every parsed `usageMetadata` (all but `pending`).
     usage: Usage,
-    /// Some `usageMetadata` carried at least one token count.
+    /// Some parsed `usageMetadata` carried at least one token count.
     has_usage: bool,
     /// The last `modelVersion`.
     model_version: Option<String>,
@@ -512,12 +544,23 @@ impl UsageScanner {
                     self.key_push(&chunk[i..end - 1]);
                     self.in_string = false;
                     i = end;
-                    if matches!(self.capture, Capture::Str) {
-                        self.cap_append(&chunk[..end]);
-                        self.finish_model_version();
-                    } else if self.key_ok {
-                        let key = self.key;
-                        self.match_key(&key[..usize::from(self.key_len)]);
+                    let key = self.key;
+                    let key = &key[..usize::from(self.key_len)];
+                    match self.capture {
+                        Capture::None => {
+                            if self.key_ok {
+                                self.match_key(key);
+                            }
+                        }
+                        Capture::Object(d) => {
+                            if self.depth == d + 1 {
+                                self.match_usage_field(key, self.key_ok);
+                            }
+                        }
+                        Capture::Str => {
+                            self.cap_append(&chunk[..end]);
+                            self.finish_model_version();
+                        }
                     }
                 }
             }
@@ -548,6 +591,27 @@ impl UsageScanner {
                         self.start_capture(Capture::Str);
                         cap_from = i;
                     }
+                    After::FieldEnd(bit) if b == b':' => {
+                        self.cap_maybe |= bit;
+                        self.after = After::FieldValue(bit);
+                        i += 1;
+                        continue;
+                    }
+                    After::FieldValue(bit) => {
+                        // serde_json reads a number as a count and a list as details: only
+                        // then does this object surely set the field.
+                        let sets = if bit == FIELD_PROMPT_DETAILS {
+                            b == b'['
+                        } else {
+                            b.is_ascii_digit()
+                        };
+                        if sets {
+                            self.cap_fields |= bit;
+                        } else {
+                            // null, a string, … (or a repeated key: the last one counts).
+                            self.cap_fields &= !bit;
+                        }
+                    }
                     // Not a key after all, or a value we do not want: scan `b` as usual.
                     _ => {}
                 }
@@ -564,11 +628,21 @@ impl UsageScanner {
                     match scan_string(chunk, start, &mut self.escape) {
                         Some(end) => {
                             i = end;
-                            if matches!(self.capture, Capture::Str) {
-                                self.cap_append(&chunk[cap_from..end]);
-                                self.finish_model_version();
-                            } else if is_key_len(end - 1 - start) {
-                                self.match_key(&chunk[start..end - 1]);
+                            match self.capture {
+                                Capture::None => {
+                                    if is_key_len(end - 1 - start) {
+                                        self.match_key(&chunk[start..end - 1]);
+                                    }
+                                }
+                                Capture::Object(d) => {
+                                    if self.depth == d + 1 {
+                                        self.match_usage_field(&chunk[start..end - 1], true);
+                                    }
+                                }
+                                Capture::Str => {
+                                    self.cap_append(&chunk[cap_from..end]);
+                                    self.finish_model_version();
+                                }
                             }
                         }
                         None => {
@@ -612,7 +686,14 @@ impl UsageScanner {
     /// count was seen (a `{"trafficType":…}`-only object does not count), so callers can tell
     /// "no usage reported" from "zero tokens".
     pub fn usage(&self) -> Option<Usage> {
-        self.has_usage.then_some(self.usage)
+        let mut usage = self.usage;
+        let mut has = self.has_usage;
+        if self.has_pending {
+            if let Some(raw) = parse_usage(&self.pending) {
+                has |= usage.apply(&raw);
+            }
+        }
+        has.then_some(usage)
     }
 
     /// The last `modelVersion` seen.
@@ -671,6 +752,9 @@ impl UsageScanner {
         self.capture = c;
         self.cap_buf.clear();
         self.cap_overflow = false;
+        self.cap_fields = 0;
+        self.cap_maybe = 0;
+        self.cap_opaque = false;
     }
 
     /// Copy `s` into `cap_buf`, or mark the capture overflowed when it would pass its cap.
@@ -698,16 +782,55 @@ impl UsageScanner {
     }
 
     /// A `usageMetadata` object closed: parse and merge it.
+    ///
+    /// Parsing is deferred: the object becomes `pending`, and the previous pending object is
+    /// parsed and merged only if the new one might not override all its fields. A stream
+    /// repeats the full cumulative usage in every event, so in practice only the last object
+    /// is ever parsed (in [`UsageScanner::usage`]), which halves the cost per event. The result
+    /// is the same as parsing every object, except that a later object that is itself invalid
+    /// JSON can no longer fall back on the one before it.
     fn finish_usage(&mut self) {
         self.capture = Capture::None;
-        if !self.cap_overflow {
-            if let Ok(raw) = serde_json::from_slice::<RawUsage>(&self.cap_buf) {
-                if self.usage.apply(&raw) {
-                    self.has_usage = true;
+        if self.cap_overflow {
+            self.cap_buf.clear();
+            return;
+        }
+        if self.has_pending {
+            // Every field the pending object may set, the new one surely sets.
+            let overridden = !self.pending_opaque
+                && !self.cap_opaque
+                && self.cap_fields & self.pending_maybe == self.pending_maybe;
+            if !overridden {
+                if let Some(raw) = parse_usage(&self.pending) {
+                    self.has_usage |= self.usage.apply(&raw);
                 }
             }
         }
+        std::mem::swap(&mut self.pending, &mut self.cap_buf);
         self.cap_buf.clear();
+        self.has_pending = true;
+        self.pending_maybe = self.cap_maybe;
+        self.pending_opaque = self.cap_opaque;
+    }
+
+    /// A key closed at the top level of a captured `usageMetadata` object: note which field
+    /// it names, or that the object is opaque when the key cannot be read raw.
+    fn match_usage_field(&mut self, key: &[u8], complete: bool) {
+        if !complete || key.contains(&b'\\') {
+            self.cap_opaque = true;
+            return;
+        }
+        let bit = match key {
+            b"promptTokenCount" => FIELD_PROMPT,
+            b"candidatesTokenCount" => FIELD_CANDIDATES,
+            b"thoughtsTokenCount" => FIELD_THOUGHTS,
+            b"toolUsePromptTokenCount" => FIELD_TOOL_USE_PROMPT,
+            b"cachedContentTokenCount" => FIELD_CACHED,
+            b"totalTokenCount" => FIELD_TOTAL,
+            b"promptTokensDetails" => FIELD_PROMPT_DETAILS,
+            _ => return,
+        };
+        self.after = After::FieldEnd(bit);
     }
 
     /// A `modelVersion` string closed: keep it (the copy includes both quotes).
@@ -718,7 +841,10 @@ impl UsageScanner {
             return;
         }
         let inner = &self.cap_buf[1..self.cap_buf.len() - 1];
-        if !inner.contains(&b'\\') {
+        let escaped = inner.iter().any(|&b| b == b'\\');
+        if !escaped && self.model_version.as_deref().map(str::as_bytes) == Some(inner) {
+            // The same as before (every stream event repeats it).
+        } else if !escaped {
             if let Ok(s) = std::str::from_utf8(inner) {
                 if self.model_version.as_deref() != Some(s) {
                     let mv = self.model_version.get_or_insert_with(String::new);
@@ -731,6 +857,11 @@ impl UsageScanner {
         }
         self.cap_buf.clear();
     }
+}
+
+/// Parse a captured `usageMetadata` object; `None` when it is not valid.
+fn parse_usage(bytes: &[u8]) -> Option<RawUsage> {
+    serde_json::from_slice(bytes).ok()
 }
 
 /// Whether a string of this length can be one of the keys we act on (`error`,
@@ -945,6 +1076,103 @@ mod tests {
             })
         );
         assert_eq!(s.model_version(), None);
+    }
+
+    #[test]
+    fn deferred_parsing_keeps_fields_a_later_object_lacks() {
+        let first = r#"{"usageMetadata":{"promptTokenCount":9,"cached\u0043ontentTokenCount":7,"promptTokensDetails":[{"modality":"AUDIO","tokenCount":4}],"totalTokenCount":9}}"#;
+        let later = [
+            // null is absent, a repeated key counts last, a string count is read.
+            r#"{"usageMetadata":{"promptTokenCount":3,"promptTokenCount":null,"totalTokenCount":12}}"#,
+            r#"{"usageMetadata":{"promptTokensDetails":null,"candidatesTokenCount":"5","totalTokenCount":14}}"#,
+            r#"{"usageMetadata":{"totalTokenCount":15}}"#,
+        ];
+        let want = Usage {
+            prompt_tokens: 9,
+            cached_tokens: 7,
+            audio_prompt_tokens: 4,
+            candidates_tokens: 5,
+            total_tokens: 15,
+            ..Usage::default()
+        };
+        let body = [first, later[0], later[1], later[2]].concat();
+        assert_eq!(scan_all_ways(body.as_bytes()).usage(), Some(want));
+        // Asking for the usage in between changes nothing.
+        let mut s = UsageScanner::new();
+        s.feed(first.as_bytes());
+        assert_eq!(s.usage().unwrap().cached_tokens, 7);
+        for l in later {
+            s.feed(l.as_bytes());
+            assert_eq!(s.usage().unwrap().prompt_tokens, 9);
+        }
+        assert_eq!(s.usage(), Some(want));
+        // A later object that sets every field overrides all of them.
+        s.feed(br#"{"usageMetadata":{"promptTokenCount":1,"candidatesTokenCount":2,"thoughtsTokenCount":3,"toolUsePromptTokenCount":4,"cachedContentTokenCount":5,"totalTokenCount":6,"promptTokensDetails":[]}}"#);
+        let u = s.usage().unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.candidates_tokens, u.thoughts_tokens),
+            (1, 2, 3)
+        );
+        assert_eq!((u.tool_use_prompt_tokens, u.cached_tokens), (4, 5));
+        assert_eq!((u.total_tokens, u.audio_prompt_tokens), (6, 0));
+    }
+
+    #[test]
+    fn deferred_parsing_matches_parsing_every_object() {
+        // Random sequences of usage objects with fields present, absent, null, as strings,
+        // escaped, repeated or unknown: the scanner must equal parsing each object in turn.
+        let names = [
+            "promptTokenCount",
+            "candidatesTokenCount",
+            "thoughtsTokenCount",
+            "toolUsePromptTokenCount",
+            "cachedContentTokenCount",
+            "totalTokenCount",
+            r"total\u0054okenCount",
+            "trafficType",
+        ];
+        let mut x: u64 = 99;
+        let mut next = |n: u64| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (x >> 33) % n
+        };
+        for _ in 0..3000 {
+            let mut objects = Vec::new();
+            for _ in 0..next(4) + 1 {
+                let mut fields = Vec::new();
+                for _ in 0..next(5) {
+                    let name = names[next(names.len() as u64) as usize];
+                    let value = match next(5) {
+                        0 => "null".to_owned(),
+                        1 => format!("\"{}\"", next(100)),
+                        _ => next(1000).to_string(),
+                    };
+                    fields.push(format!("\"{name}\":{value}"));
+                }
+                match next(4) {
+                    0 => fields.push(
+                        r#""promptTokensDetails":[{"modality":"AUDIO","tokenCount":7}]"#.to_owned(),
+                    ),
+                    1 => fields.push(r#""promptTokensDetails":null"#.to_owned()),
+                    _ => {}
+                }
+                objects.push(format!(r#"{{"usageMetadata":{{{}}}}}"#, fields.join(",")));
+            }
+            let mut want = Usage::default();
+            let mut has = false;
+            for o in &objects {
+                let start = o.find(":{").unwrap() + 1;
+                if let Some(raw) = parse_usage(&o.as_bytes()[start..o.len() - 1]) {
+                    has |= want.apply(&raw);
+                }
+            }
+            let body = objects.concat();
+            let got = scan(body.as_bytes()).usage();
+            assert_eq!(got, has.then_some(want), "{body}");
+            assert_eq!(scan_bytewise(body.as_bytes()).usage(), got, "{body}");
+        }
     }
 
     #[test]

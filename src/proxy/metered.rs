@@ -100,6 +100,10 @@ impl Meter {
         shared
             .alerts
             .check(&agent, config.budget_for(&agent), &settled, now);
+        // A settle below the estimate frees budget: parked requests may fit now.
+        shared
+            .queues
+            .release_agent(&shared.ledger, &config, &agent, now);
     }
 }
 

@@ -5,9 +5,10 @@ pub mod body;
 pub mod metered;
 pub mod upstream;
 
-use crate::budget::ledger::{secs_until, Decision, Ledger};
+use crate::budget::ledger::{secs_until, Admission, AgentLedger, Decision, Ledger};
+use crate::budget::queue::{Queues, Wait};
 use crate::clock::Clock;
-use crate::config::{AgentBudget, Config};
+use crate::config::{Action, AgentBudget, Config};
 use crate::error::ProxyError;
 use crate::gemini::{body as gbody, parse_model_call, rewrite_model_in_path};
 use crate::identity::{identify, Identity, KeyPlace};
@@ -47,6 +48,8 @@ pub struct Shared {
     pub ledger: Arc<Ledger>,
     /// Budget alerts, checked when a reservation is settled.
     pub alerts: Arc<crate::budget::alerts::AlertCenter>,
+    /// Parked requests of queue agents.
+    pub queues: Arc<Queues>,
     /// Request and token counters for `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The injected clock.
@@ -73,6 +76,7 @@ const X_BUDGET_AGENT: HeaderName = HeaderName::from_static("x-budget-agent");
 const X_BUDGET_REMAINING: HeaderName = HeaderName::from_static("x-budget-remaining");
 const X_BUDGET_ACTION: HeaderName = HeaderName::from_static("x-budget-action");
 const X_BUDGET_MODEL: HeaderName = HeaderName::from_static("x-budget-model");
+const X_BUDGET_QUEUED_MS: HeaderName = HeaderName::from_static("x-budget-queued-ms");
 const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
 const X_GOOG_UPLOAD_URL: HeaderName = HeaderName::from_static("x-goog-upload-url");
 
@@ -84,6 +88,8 @@ struct BudgetHeaders {
     remaining_tokens: u64,
     action: &'static str,
     model: Option<String>,
+    /// Time spent parked (queue action).
+    queued_ms: Option<u128>,
 }
 
 impl BudgetHeaders {
@@ -97,6 +103,12 @@ impl BudgetHeaders {
             .and_then(|m| HeaderValue::from_str(m).ok())
         {
             h.insert(X_BUDGET_MODEL, m);
+        }
+        if let Some(ms) = self.queued_ms {
+            h.insert(
+                X_BUDGET_QUEUED_MS,
+                HeaderValue::from(u64::try_from(ms).unwrap_or(u64::MAX)),
+            );
         }
     }
 }
@@ -211,14 +223,47 @@ async fn forward(
 
     if is_budgeted(&parts.method, call.map(|c| c.method)) {
         let estimate = estimate_tokens(&peeked, shared.settings.default_output_tokens);
-        let admission = shared.ledger.admit(&entry, budget, now, estimate);
+        // Queue agents keep FIFO order: while others wait, a newcomer waits behind them.
+        let mut admission =
+            if budget.action == Action::Queue && shared.queues.has_waiters(&ident.agent) {
+                let resets_at = crate::budget::period::window(&budget.period, now).end;
+                Admission {
+                    decision: Decision::Queue {
+                        retry_after_secs: secs_until(resets_at, now),
+                    },
+                    reservation: None,
+                    remaining_tokens: 0,
+                    resets_at,
+                }
+            } else {
+                shared.ledger.admit(&entry, budget, now, estimate)
+            };
         let mut headers = BudgetHeaders {
             agent_id: entry.id_arc(),
             agent: agent_header.clone(),
             remaining_tokens: admission.remaining_tokens,
             action: "allow",
             model: None,
+            queued_ms: None,
         };
+        let mut queued_ms = None;
+        if let Decision::Queue { retry_after_secs } = admission.decision {
+            headers.action = "block";
+            headers.remaining_tokens = 0;
+            *budget_headers = Some(headers.clone());
+            let waited = std::time::Instant::now();
+            admission = park(
+                shared,
+                &entry,
+                budget,
+                estimate,
+                retry_after_secs,
+                admission.resets_at,
+            )
+            .await?;
+            queued_ms = Some(waited.elapsed().as_millis());
+            headers.remaining_tokens = admission.remaining_tokens;
+        }
         match admission.decision {
             Decision::Allow => {}
             Decision::Warn => {
@@ -267,6 +312,7 @@ async fn forward(
                 }
                 model = fallback.trim_start_matches("models/").to_string();
             }
+            // `park` only returns admitted requests; a Queue decision here cannot happen.
             Decision::Block { retry_after_secs } | Decision::Queue { retry_after_secs } => {
                 headers.action = "block";
                 headers.remaining_tokens = 0;
@@ -277,6 +323,10 @@ async fn forward(
                 });
             }
         }
+        if let Some(ms) = queued_ms {
+            headers.action = "queued";
+            headers.queued_ms = Some(ms);
+        }
         *budget_headers = Some(headers);
         reservation = admission.reservation;
     } else {
@@ -286,6 +336,7 @@ async fn forward(
             remaining_tokens: shared.ledger.remaining(&entry, budget, now),
             action: "allow",
             model: None,
+            queued_ms: None,
         });
     }
 
@@ -357,6 +408,64 @@ async fn forward(
         rparts,
         ResponseBody::Metered(MeteredBody::new(rbody, meter)),
     ))
+}
+
+/// Park a request of a queue agent until budget returns, the wait runs out, or shutdown.
+async fn park(
+    shared: &Arc<Shared>,
+    entry: &Arc<AgentLedger>,
+    budget: &AgentBudget,
+    estimate: u64,
+    retry_after_secs: Option<u64>,
+    resets_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<Admission, ProxyError> {
+    let agent = entry.id_arc();
+    let limits = budget.queue;
+    let mut ticket = shared.queues.park(&agent, estimate, limits.max_depth).map_err(|full| {
+        shared.ledger.count_refusal(entry, shared.clock.now());
+        ProxyError::BudgetExhausted {
+            message: format!(
+                "token budget of agent {agent:?} is exhausted and its queue is full ({} requests waiting, queue.max_depth); retry after the reset",
+                full.max_depth
+            ),
+            retry_after_secs,
+        }
+    })?;
+    if let Some(end) = resets_at {
+        let s = shared.clone();
+        let a = agent.clone();
+        shared
+            .queues
+            .arm_reset_timer(&agent, end, shared.clock.now(), move || {
+                release_agent(&s, &a);
+            });
+    }
+    // Budget may have returned between the decision and the parking.
+    release_agent(shared, &agent);
+    let max_wait = std::time::Duration::from_secs(limits.max_wait_seconds);
+    match tokio::time::timeout(max_wait, ticket.released()).await {
+        Ok(Wait::Released(admission)) => Ok(admission),
+        Ok(Wait::ShuttingDown) => Err(ProxyError::ShuttingDown),
+        Err(_) => {
+            shared.ledger.count_refusal(entry, shared.clock.now());
+            let now = shared.clock.now();
+            Err(ProxyError::BudgetExhausted {
+                message: format!(
+                    "token budget of agent {agent:?} is exhausted; the request waited {} s in the queue (queue.max_wait_seconds) and budget did not return; retry after the reset",
+                    limits.max_wait_seconds
+                ),
+                retry_after_secs: secs_until(resets_at, now),
+            })
+        }
+    }
+}
+
+/// Re-admit parked requests of `agent` while its budget allows.
+pub fn release_agent(shared: &Shared, agent: &str) -> usize {
+    let config = shared.config.load();
+    shared
+        .queues
+        .release_agent(&shared.ledger, &config, agent, shared.clock.now())
 }
 
 fn exhausted_message(
