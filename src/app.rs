@@ -52,6 +52,10 @@ pub struct Options {
     pub flush_interval: Duration,
     /// Largest request body.
     pub max_body_bytes: usize,
+    /// Largest body of a deferred request (`Prefer: respond-async`).
+    pub max_deferred_body_bytes: usize,
+    /// How long a finished deferred job's response is kept.
+    pub job_ttl: Duration,
     /// Output estimate when a request has no maxOutputTokens.
     pub default_output_tokens: u64,
     /// `BUDGET_PROXY_ADMIN_TOKEN`.
@@ -107,10 +111,11 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
     if opts.admin_token.is_none() {
         tracing::warn!(target: "admin", "BUDGET_PROXY_ADMIN_TOKEN is not set: the admin API on loopback answers without a token");
     }
-    let store: Arc<dyn Store> =
+    let local_store =
         Arc::new(LocalStore::open(&opts.state_dir).with_context(|| {
             format!("opening the embedded store in {}", opts.state_dir.display())
         })?);
+    let store: Arc<dyn Store> = local_store.clone();
     let (writer, writer_task) = Writer::start(store.clone(), opts.flush_interval);
     let ledger = Arc::new(Ledger::new(Some(writer.clone())));
     let rows = store
@@ -167,7 +172,11 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
             peek_bytes: 64 * 1024,
             default_output_tokens: opts.default_output_tokens,
             gemini_api_key,
+            max_deferred_body_bytes: opts.max_deferred_body_bytes,
+            job_ttl: opts.job_ttl,
         },
+        jobs: local_store.clone(),
+        pending_jobs: std::sync::atomic::AtomicU64::new(0),
     });
     let admin_state = AdminState::new(AdminDeps {
         live: live.clone(),
@@ -178,6 +187,7 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
         metrics,
         queues: queues.clone(),
         alerts: Some(alerts.clone() as Arc<dyn admin::AlertSource>),
+        jobs: Some(local_store.clone()),
     });
     // A config change (reload or admin update) may raise a limit: release parked requests.
     {
@@ -217,6 +227,7 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
 
     let (stop, stop_rx) = watch::channel(false);
     let drain = opts.shutdown_timeout;
+    let jobs_task = tokio::spawn(proxy::jobs::run(shared.clone(), stop_rx.clone()));
     let proxy_task = tokio::spawn(server::serve(
         proxy_listener,
         proxy_tls,
@@ -237,6 +248,7 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
     let done = tokio::spawn(async move {
         let _watcher = watcher;
         let _ = proxy_task.await;
+        let _ = jobs_task.await;
         let _ = admin_task.await;
         // Bodies whose client left are still being drained: wait for them to settle.
         drains.close();

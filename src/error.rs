@@ -39,10 +39,12 @@ pub enum ProxyError {
         retry_after_secs: Option<u64>,
     },
     /// The request body is larger than the proxy accepts.
-    #[error("request body is larger than {limit} bytes; raise --max-body-bytes to accept it")]
+    #[error("request body is larger than {limit} bytes; raise {flag} to accept it")]
     BodyTooLarge {
         /// The limit in bytes.
         limit: usize,
+        /// The flag that sets it.
+        flag: &'static str,
     },
     /// The client's body could not be read.
     #[error("could not read the request body: {0}")]
@@ -66,6 +68,20 @@ pub enum ProxyError {
     /// The proxy is shutting down.
     #[error("the proxy is shutting down; retry shortly")]
     ShuttingDown,
+    /// A deferred job's agent is still over budget (internal: the job stays pending).
+    #[error("still over budget; the job stays pending")]
+    NotYet,
+    /// No such deferred job for this agent.
+    #[error(
+        "no deferred job {0:?} for this agent; jobs are kept for a limited time after they finish"
+    )]
+    JobNotFound(String),
+    /// The job cannot change state that way.
+    #[error("{0}")]
+    JobConflict(String),
+    /// The store could not take or read a job.
+    #[error("the job store is unavailable: {0}; nothing was stored, retry later")]
+    StoreUnavailable(String),
 }
 
 impl ProxyError {
@@ -82,7 +98,12 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ShuttingDown | ProxyError::StoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::NotYet => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::JobNotFound(_) => StatusCode::NOT_FOUND,
+            ProxyError::JobConflict(_) => StatusCode::CONFLICT,
         }
     }
 
@@ -99,6 +120,10 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "INVALID_ARGUMENT",
             ProxyError::UpstreamUnreachable { .. } | ProxyError::ShuttingDown => "UNAVAILABLE",
             ProxyError::UpstreamTimeout { .. } => "DEADLINE_EXCEEDED",
+            ProxyError::StoreUnavailable(_) => "UNAVAILABLE",
+            ProxyError::NotYet => "RESOURCE_EXHAUSTED",
+            ProxyError::JobNotFound(_) => "NOT_FOUND",
+            ProxyError::JobConflict(_) => "FAILED_PRECONDITION",
         }
     }
 
@@ -108,7 +133,7 @@ impl ProxyError {
             ProxyError::BudgetExhausted {
                 retry_after_secs, ..
             } => *retry_after_secs,
-            ProxyError::ShuttingDown => Some(1),
+            ProxyError::ShuttingDown | ProxyError::StoreUnavailable(_) => Some(1),
             _ => None,
         }
     }

@@ -125,6 +125,12 @@ struct ServeArgs {
     /// Largest request body accepted, in bytes (413 beyond).
     #[arg(long, env = "BUDGET_PROXY_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     max_body_bytes: usize,
+    /// Largest body of a deferred request (`Prefer: respond-async`), in bytes (413 beyond).
+    #[arg(long, env = "BUDGET_PROXY_MAX_DEFERRED_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    max_deferred_body_bytes: usize,
+    /// Hours a finished deferred job's response is kept for retrieval.
+    #[arg(long, env = "BUDGET_PROXY_JOB_TTL_HOURS", default_value_t = 24)]
+    job_ttl_hours: u64,
     /// Output tokens reserved for a request that sets no maxOutputTokens.
     #[arg(
         long,
@@ -182,6 +188,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         flush_interval: Duration::from_millis(args.flush_interval_ms.max(1)),
         max_body_bytes: args.max_body_bytes,
+        max_deferred_body_bytes: args.max_deferred_body_bytes,
+        job_ttl: Duration::from_secs(args.job_ttl_hours.saturating_mul(3600)),
         default_output_tokens: args.default_output_tokens,
         watch_config: args.watch_config.then(|| Duration::from_millis(200)),
         admin_token: env_secret("BUDGET_PROXY_ADMIN_TOKEN"),

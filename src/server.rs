@@ -2,9 +2,17 @@
 //! prior knowledge, auto-detected; over TLS, HTTP/2 or HTTP/1.1 as negotiated by ALPN)
 //! until `shutdown` fires, then lets in-flight requests finish within the drain deadline.
 //! Requests that arrived over TLS carry the [`Secure`] extension.
+//!
+//! Cost per connection and per request is kept low (see `benches/README.md`): a plain
+//! connection's first bytes are peeked to pick the HTTP/1 or HTTP/2 server directly (the
+//! auto-detecting server is only used when the first read is an incomplete HTTP/2 preface),
+//! which keeps an idle keep-alive connection small; the handler's future is boxed per
+//! request, so an idle connection does not hold a slot the size of that future; and the
+//! peer address is only attached to requests of listeners that read it.
 
 use crate::tls::{Secure, HANDSHAKE_TIMEOUT};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -14,13 +22,55 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-/// The client's address, put into every request's extensions (per-address auth limits).
+/// The client's address, put into the extensions of every request of the listeners that
+/// use it (per-address auth limits on the admin port; the proxy port's handler never reads
+/// it, so its requests go without: inserting it allocates the extensions map).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::SocketAddr);
+
+/// Whether requests of the listener `name` carry [`PeerAddr`]: every listener but the
+/// proxy port (`"proxy"`), whose handler does not read it.
+fn tags_peer(name: &str) -> bool {
+    name != "proxy"
+}
+
+/// The HTTP/2 client preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What the first bytes of a plain connection say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sniffed {
+    /// Not the HTTP/2 preface.
+    Http1,
+    /// The whole HTTP/2 preface.
+    Http2,
+    /// A strict prefix of the preface: let the auto-detecting server read on.
+    Unsure,
+    /// End of stream or an error before any byte.
+    Closed,
+}
+
+fn classify(first: &[u8]) -> Sniffed {
+    match first.len() {
+        0 => Sniffed::Closed,
+        n if first != &H2_PREFACE[..n] => Sniffed::Http1,
+        n if n == H2_PREFACE.len() => Sniffed::Http2,
+        _ => Sniffed::Unsure,
+    }
+}
+
+/// Peek (without consuming) at the first bytes of a connection.
+async fn sniff(stream: &TcpStream) -> Sniffed {
+    let mut buf = [0u8; 24];
+    match stream.peek(&mut buf).await {
+        Ok(n) => classify(&buf[..n]),
+        Err(_) => Sniffed::Closed,
+    }
+}
 
 /// Serve `handler` on `listener` (over TLS when `tls` is set) until `shutdown` turns true,
 /// then drain for at most `drain_deadline`. Returns the number of connections still open
@@ -40,6 +90,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let handler = Arc::new(handler);
+    let stop = shutdown.clone();
     let shutdown = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
@@ -47,6 +98,11 @@ where
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(1024);
+    // The same settings as `builder`'s, for connections whose protocol is known.
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.max_concurrent_streams(1024);
+    let plain = Arc::new((http1::Builder::new(), h2, builder.clone()));
+    let tag_peer = tags_peer(name);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -64,20 +120,45 @@ where
         let h = handler.clone();
         let secure = tls.is_some();
         let svc = service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(PeerAddr(peer));
+            if tag_peer {
+                req.extensions_mut().insert(PeerAddr(peer));
+            }
             if secure {
                 req.extensions_mut().insert(Secure);
             }
-            let h = h.clone();
-            async move { Ok::<_, Infallible>(h(req).await) }
+            // Boxed: hyper keeps one slot of the service future's size per connection.
+            let fut = Box::pin(h(req));
+            async move { Ok::<_, Infallible>(fut.await) }
         });
         let Some(acceptor) = &tls else {
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), svc)
-                .into_owned();
-            let conn = graceful.watch(conn);
+            // The watcher is taken now, so shutdown waits for this connection from here on.
+            let watcher = graceful.watcher();
+            let mut stop = stop.clone();
+            let builders = plain.clone();
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                let sniffed = tokio::select! {
+                    s = sniff(&stream) => s,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                drop(stop);
+                let io = TokioIo::new(stream);
+                let (h1, h2, auto) = &*builders;
+                type BoxError = Box<dyn std::error::Error + Send + Sync>;
+                let ended: Result<(), BoxError> = match sniffed {
+                    Sniffed::Closed => return,
+                    Sniffed::Http1 => watcher
+                        .watch(h1.serve_connection(io, svc))
+                        .await
+                        .map_err(Into::into),
+                    // Rare: boxed so that the common HTTP/1 task stays small.
+                    Sniffed::Http2 => Box::pin(watcher.watch(h2.serve_connection(io, svc)))
+                        .await
+                        .map_err(Into::into),
+                    Sniffed::Unsure => {
+                        Box::pin(watcher.watch(auto.serve_connection(io, svc).into_owned())).await
+                    }
+                };
+                if let Err(e) = ended {
                     tracing::debug!(target: "server", listener = name, peer = %peer, error = %e, "connection ended with an error");
                 }
             });

@@ -55,6 +55,8 @@ pub struct AdminState {
     pub queues: Arc<Queues>,
     /// Alerts (their list and webhook counters).
     pub alerts: Option<Arc<dyn AlertSource>>,
+    /// Deferred jobs (counts for `/api/budget/queue`).
+    pub jobs: Option<Arc<crate::store::LocalStore>>,
     registry: Registry,
     auth_failures: DashMap<Option<IpAddr>, (i64, u32)>,
 }
@@ -90,6 +92,8 @@ pub struct AdminDeps {
     pub queues: Arc<Queues>,
     /// Alerts.
     pub alerts: Option<Arc<dyn AlertSource>>,
+    /// Deferred jobs.
+    pub jobs: Option<Arc<crate::store::LocalStore>>,
 }
 
 impl AdminState {
@@ -123,6 +127,7 @@ impl AdminState {
             metrics: d.metrics,
             queues: d.queues,
             alerts: d.alerts,
+            jobs: d.jobs,
             registry,
             auth_failures: DashMap::new(),
         })
@@ -369,12 +374,31 @@ pub async fn apply(
         }
         AdminCommand::Config => Ok((StatusCode::OK, json!(state.live.info()))),
         AdminCommand::Queue => {
+            let jobs = match &state.jobs {
+                Some(j) => {
+                    let j = j.clone();
+                    tokio::task::spawn_blocking(move || j.job_counts())
+                        .await
+                        .map_err(|e| AdminError::Unavailable(format!("queue task failed: {e}")))?
+                        .map_err(|e| AdminError::Unavailable(e.to_string()))?
+                }
+                None => Vec::new(),
+            };
             let mut agents = serde_json::Map::new();
-            for (agent, _) in state.queues.depths() {
+            let mut ids: Vec<String> = state.queues.depths().into_iter().map(|(a, _)| a).collect();
+            ids.extend(jobs.iter().map(|(a, _)| a.clone()));
+            ids.sort();
+            ids.dedup();
+            for agent in ids {
                 let (parked, oldest) = state.queues.depth(&agent);
+                let counts = jobs
+                    .iter()
+                    .find(|(a, _)| *a == agent)
+                    .map(|(_, c)| c.clone())
+                    .unwrap_or_default();
                 agents.insert(
                     agent,
-                    json!({"parked": parked, "oldest_wait_ms": oldest.map(|d| d.as_millis() as u64)}),
+                    json!({"parked": parked, "oldest_wait_ms": oldest.map(|d| d.as_millis() as u64), "jobs": counts}),
                 );
             }
             Ok((StatusCode::OK, json!({"agents": agents})))

@@ -13,9 +13,11 @@
 //!    through the write-behind channel ([`StoreOp::Alert`], where the key is claimed again
 //!    durably with `INSERT OR IGNORE`) and queues it for the webhooks. Nothing blocks.
 //!
-//! A shared store (Redis) would claim the key with `SET alert:{agent}:{start}:{threshold}
-//! NX` (expiring after the period) before the alert is published; the in-memory set stays
-//! as the cheap first filter.
+//! With several replicas ([`AlertCenter::set_claims`], the Redis sync layer) the key is
+//! also claimed across replicas with `SET budget:{agent}:alert:{start}:{threshold} NX`
+//! (expiring after the period) before the alert is raised; the winner raises it
+//! ([`AlertCenter::deliver`]: log, store, webhooks) and shares it, the other replicas only
+//! list it ([`AlertCenter::record_remote`]). The in-memory set stays the cheap first filter.
 //!
 //! Levels: a threshold ≥ 100 % is `limit` (the action applies), ≥ 90 % `critical`, below
 //! that `warning`.
@@ -247,8 +249,17 @@ struct Recent {
     alerts: VecDeque<Arc<Alert>>,
 }
 
+/// Claims alert keys across replicas (Redis `SET NX`). `claim` must not block: it decides
+/// later and calls [`AlertCenter::deliver`] when this replica won the key.
+pub trait AlertClaims: Send + Sync + 'static {
+    /// Claim the key of `alert` (its id is not assigned yet) for a period ending at
+    /// `period_end` (unix seconds; `None`: infinite).
+    fn claim(&self, alert: Alert, period_end: Option<i64>);
+}
+
 /// Raises, keeps and lists alerts; hands them to the store and the webhooks.
 pub struct AlertCenter {
+    claims: std::sync::OnceLock<Arc<dyn AlertClaims>>,
     writer: Option<Writer>,
     webhooks: Option<Webhooks>,
     fired: Mutex<HashMap<String, Fired>>,
@@ -269,6 +280,13 @@ static NO_WEBHOOKS: WebhookStats = WebhookStats::new();
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keep `alerts` newest (highest id) first and at most [`ALERTS_KEPT`] long.
+fn insert_newest_first(alerts: &mut VecDeque<Arc<Alert>>, alert: Arc<Alert>) {
+    let at = alerts.iter().position(|a| a.id < alert.id).unwrap_or(alerts.len());
+    alerts.insert(at, alert);
+    alerts.truncate(ALERTS_KEPT);
 }
 
 impl AlertCenter {
@@ -305,6 +323,7 @@ impl AlertCenter {
             .unwrap_or(0)
             .max(loaded.max_id);
         Self {
+            claims: std::sync::OnceLock::new(),
             writer,
             webhooks,
             fired: Mutex::new(fired),
@@ -361,22 +380,44 @@ impl AlertCenter {
             settled.after_tokens,
             start,
         );
+        let alert = Alert {
+            id: 0,
+            agent_id: agent.to_string(),
+            level,
+            threshold_percent: threshold,
+            percentage: hundredths as f64 / 100.0,
+            period_start: start,
+            // Milliseconds: what the store keeps, so a reloaded alert is the same.
+            created_at: now.trunc_subsecs(3),
+            message: text,
+        };
+        let end = settled.window.end.map(|e| e.timestamp());
+        match self.claims.get() {
+            Some(c) => c.claim(alert, end),
+            None => {
+                self.deliver(alert, None, end);
+            }
+        }
+        true
+    }
+
+    /// Replica sync: claim alert keys across replicas with `claims` from now on.
+    pub fn set_claims(&self, claims: Arc<dyn AlertClaims>) {
+        let _ = self.claims.set(claims);
+    }
+
+    /// Raise `alert` (its key is claimed): give it `id` (`None`: the next local id), keep it
+    /// for the list, log it, store it and queue it for the webhooks. Returns the stored row.
+    pub fn deliver(&self, mut alert: Alert, id: Option<u64>, period_end: Option<i64>) -> AlertRow {
+        let level = alert.level;
+        let agent = alert.agent_id.clone();
+        let threshold = alert.threshold_percent;
         let alert = {
             let mut recent = lock(&self.recent);
-            let alert = Arc::new(Alert {
-                id: recent.next_id,
-                agent_id: agent.to_string(),
-                level,
-                threshold_percent: threshold,
-                percentage: hundredths as f64 / 100.0,
-                period_start: start,
-                // Milliseconds: what the store keeps, so a reloaded alert is the same.
-                created_at: now.trunc_subsecs(3),
-                message: text,
-            });
-            recent.next_id += 1;
-            recent.alerts.push_front(alert.clone());
-            recent.alerts.truncate(ALERTS_KEPT);
+            alert.id = id.unwrap_or(recent.next_id);
+            recent.next_id = recent.next_id.max(alert.id + 1);
+            let alert = Arc::new(alert);
+            insert_newest_first(&mut recent.alerts, alert.clone());
             alert
         };
         self.raised[level as usize].fetch_add(1, Ordering::Relaxed);
@@ -388,14 +429,34 @@ impl AlertCenter {
                 tracing::warn!(target: "alerts", agent = %agent, level = %level, threshold, percentage = alert.percentage, id = alert.id, "{}", alert.message)
             }
         }
+        let row = alert.to_row(period_end);
         if let Some(w) = &self.writer {
-            let end = settled.window.end.map(|e| e.timestamp());
-            w.send(StoreOp::Alert(alert.to_row(end)));
+            w.send(StoreOp::Alert(row.clone()));
         }
         if let Some(h) = &self.webhooks {
             h.enqueue(alert);
         }
-        true
+        row
+    }
+
+    /// Replica sync: another replica raised this alert. Keep it for the list and the store
+    /// (its key is now claimed here too); no log line, no webhook (the raiser sent them).
+    pub fn record_remote(&self, row: &AlertRow) {
+        lock(&self.fired)
+            .entry(row.agent.clone())
+            .or_default()
+            .claim(row.period_start, row.threshold_percent);
+        {
+            let mut recent = lock(&self.recent);
+            if recent.alerts.iter().any(|a| a.id == row.id) {
+                return;
+            }
+            recent.next_id = recent.next_id.max(row.id + 1);
+            insert_newest_first(&mut recent.alerts, Arc::new(Alert::from_row(row)));
+        }
+        if let Some(w) = &self.writer {
+            w.send(StoreOp::Alert(row.clone()));
+        }
     }
 
     /// Alerts newest first, filtered by agent, level and `created_at >= since`.

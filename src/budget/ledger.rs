@@ -10,6 +10,16 @@
 //!
 //! Each agent has one small `Mutex` that is never held across an `.await`. Every change is
 //! also sent to the store writer, so the numbers survive restarts.
+//!
+//! # Several replicas (Redis)
+//! With a remote sink ([`Ledger::with_remote`]) every change is also sent to the replica
+//! sync layer (`store::redis_sync`), and the ledger keeps, per agent, what it sent but the
+//! shared store has not confirmed yet (`pending`). The sync layer hands back the shared
+//! totals ([`Ledger::apply_remote`]); the agent's numbers become *shared totals + pending*,
+//! so this replica's own usage is never missing nor counted twice, and other replicas'
+//! usage shows up within one sync round. Admission then also needs a *lease*: the tokens
+//! this replica may hold in reservations and unconfirmed usage, granted by the shared
+//! store out of the budget nobody else holds (see [`Ledger::set_leased`]).
 
 use super::period::{window, PeriodSpec, Window};
 use crate::config::{Action, AgentBudget};
@@ -18,7 +28,7 @@ use crate::store::{PeriodRow, StoreOp, UsageDelta, Writer};
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Totals of one model within a period.
@@ -63,6 +73,139 @@ pub struct AgentTotals {
     pub by_model: Vec<(String, ModelTotals)>,
 }
 
+/// Numbers of one agent's period as a sum of usage deltas: the shared store's totals, or
+/// what this replica sent but the shared store has not confirmed yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeriodCounts {
+    /// Counted tokens.
+    pub total_tokens: u64,
+    /// Prompt tokens (cached included).
+    pub prompt_tokens: u64,
+    /// Candidates + thoughts.
+    pub completion_tokens: u64,
+    /// Cached prompt tokens.
+    pub cached_tokens: u64,
+    /// Settled requests.
+    pub requests: u64,
+    /// Budget refusals.
+    pub blocked: u64,
+    /// Cost in pico-dollars.
+    pub cost_pico: u128,
+    /// Per model (refusals, which name no model, are not in it).
+    pub by_model: HashMap<String, ModelTotals>,
+}
+
+impl PeriodCounts {
+    /// Add one delta.
+    pub fn add_delta(&mut self, d: &UsageDelta) {
+        self.total_tokens = self.total_tokens.saturating_add(d.total_tokens);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(d.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(d.completion_tokens);
+        self.cached_tokens = self.cached_tokens.saturating_add(d.cached_tokens);
+        self.requests = self.requests.saturating_add(d.requests);
+        self.blocked = self.blocked.saturating_add(d.blocked);
+        self.cost_pico = self.cost_pico.saturating_add(d.cost_pico);
+        if !d.model.is_empty() {
+            let m = self.by_model.entry(d.model.clone()).or_default();
+            m.prompt_tokens = m.prompt_tokens.saturating_add(d.prompt_tokens);
+            m.completion_tokens = m.completion_tokens.saturating_add(d.completion_tokens);
+            m.cached_tokens = m.cached_tokens.saturating_add(d.cached_tokens);
+            m.total_tokens = m.total_tokens.saturating_add(d.total_tokens);
+            m.requests = m.requests.saturating_add(d.requests);
+            m.cost_pico = m.cost_pico.saturating_add(d.cost_pico);
+        }
+    }
+
+    /// Add another sum.
+    pub fn add(&mut self, o: &PeriodCounts) {
+        self.total_tokens = self.total_tokens.saturating_add(o.total_tokens);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.cached_tokens = self.cached_tokens.saturating_add(o.cached_tokens);
+        self.requests = self.requests.saturating_add(o.requests);
+        self.blocked = self.blocked.saturating_add(o.blocked);
+        self.cost_pico = self.cost_pico.saturating_add(o.cost_pico);
+        for (k, v) in &o.by_model {
+            let m = self.by_model.entry(k.clone()).or_default();
+            m.prompt_tokens = m.prompt_tokens.saturating_add(v.prompt_tokens);
+            m.completion_tokens = m.completion_tokens.saturating_add(v.completion_tokens);
+            m.cached_tokens = m.cached_tokens.saturating_add(v.cached_tokens);
+            m.total_tokens = m.total_tokens.saturating_add(v.total_tokens);
+            m.requests = m.requests.saturating_add(v.requests);
+            m.cost_pico = m.cost_pico.saturating_add(v.cost_pico);
+        }
+    }
+
+    /// Subtract another sum (saturating at zero; empty models are dropped).
+    pub fn sub(&mut self, o: &PeriodCounts) {
+        self.total_tokens = self.total_tokens.saturating_sub(o.total_tokens);
+        self.prompt_tokens = self.prompt_tokens.saturating_sub(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_sub(o.completion_tokens);
+        self.cached_tokens = self.cached_tokens.saturating_sub(o.cached_tokens);
+        self.requests = self.requests.saturating_sub(o.requests);
+        self.blocked = self.blocked.saturating_sub(o.blocked);
+        self.cost_pico = self.cost_pico.saturating_sub(o.cost_pico);
+        for (k, v) in &o.by_model {
+            if let Some(m) = self.by_model.get_mut(k) {
+                m.prompt_tokens = m.prompt_tokens.saturating_sub(v.prompt_tokens);
+                m.completion_tokens = m.completion_tokens.saturating_sub(v.completion_tokens);
+                m.cached_tokens = m.cached_tokens.saturating_sub(v.cached_tokens);
+                m.total_tokens = m.total_tokens.saturating_sub(v.total_tokens);
+                m.requests = m.requests.saturating_sub(v.requests);
+                m.cost_pico = m.cost_pico.saturating_sub(v.cost_pico);
+                if *m == ModelTotals::default() {
+                    self.by_model.remove(k);
+                }
+            }
+        }
+    }
+
+    /// Nothing counted.
+    pub fn is_empty(&self) -> bool {
+        *self == PeriodCounts::default()
+    }
+}
+
+/// What the replica sync layer hands back for one agent: the shared totals of a period,
+/// what of this replica's pending usage they now include, and this replica's lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteUpdate {
+    /// The period the totals are of (unix seconds of its start).
+    pub period_start: i64,
+    /// The shared totals of that period.
+    pub totals: PeriodCounts,
+    /// Pending usage that the shared store confirmed in this round (any period).
+    pub acked: Option<PeriodCounts>,
+    /// This replica's lease on that period, in tokens (`None`: unchanged).
+    pub lease: Option<u64>,
+}
+
+/// An agent's lease position (replica sync).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseStatus {
+    /// The running period.
+    pub window: Window,
+    /// Tokens this replica holds: reservations in flight + usage not yet confirmed.
+    pub used: u64,
+    /// Tokens leased for the running period.
+    pub lease: u64,
+    /// Committed tokens as this replica sees them.
+    pub committed: u64,
+    /// Whether `committed + reserved ≥ max_tokens` here already.
+    pub over: bool,
+    /// The estimate of the last request admitted or refused (a guess for the next one).
+    pub last_estimate: u64,
+    /// Reservations in flight.
+    pub in_flight: u64,
+}
+
+impl LeaseStatus {
+    /// Whether the next request can be admitted within the lease.
+    pub fn has_headroom(&self) -> bool {
+        self.used < self.lease
+    }
+}
+
 #[derive(Debug)]
 struct AgentState {
     window: Window,
@@ -77,6 +220,14 @@ struct AgentState {
     blocked: u64,
     cost_pico: u128,
     by_model: HashMap<String, ModelTotals>,
+    /// Replica sync: usage sent but not yet confirmed by the shared store (any period).
+    pending: Option<Box<PeriodCounts>>,
+    /// Reservations in flight.
+    in_flight: u64,
+    /// Replica sync: (period start, tokens) this replica may hold for that period.
+    lease: Option<(i64, u64)>,
+    /// The estimate of the last request seen by `admit`.
+    last_estimate: u64,
 }
 
 impl AgentState {
@@ -93,7 +244,46 @@ impl AgentState {
             blocked: 0,
             cost_pico: 0,
             by_model: HashMap::new(),
+            pending: None,
+            in_flight: 0,
+            lease: None,
+            last_estimate: 0,
         }
+    }
+
+    /// Zero the counters of the period and move to `w`; what is in flight (reservations,
+    /// unconfirmed usage, the lease) stays.
+    fn restart(&mut self, w: Window) {
+        let spec = self.spec;
+        let reserved = self.reserved;
+        let pending = self.pending.take();
+        let (in_flight, lease, last_estimate) = (self.in_flight, self.lease, self.last_estimate);
+        *self = AgentState::new(w);
+        self.spec = spec;
+        self.reserved = reserved;
+        self.pending = pending;
+        self.in_flight = in_flight;
+        self.lease = lease;
+        self.last_estimate = last_estimate;
+    }
+
+    /// Tokens held by this replica: reservations + usage the shared store has not confirmed.
+    fn held(&self) -> u64 {
+        self.reserved
+            .saturating_add(self.pending.as_ref().map_or(0, |p| p.total_tokens))
+    }
+
+    fn lease_tokens(&self) -> u64 {
+        match self.lease {
+            Some((start, tokens)) if start == self.window.start.timestamp() => tokens,
+            _ => 0,
+        }
+    }
+
+    fn note_pending(&mut self, d: &UsageDelta) {
+        self.pending
+            .get_or_insert_with(Default::default)
+            .add_delta(d);
     }
 
     /// Bring the state to the period that contains `now` under `spec`. A period that ended
@@ -115,10 +305,7 @@ impl AgentState {
         let old = self.window;
         let ended = old.end.is_some_and(|end| now >= end) || now < old.start;
         if ended {
-            let reserved = self.reserved;
-            *self = AgentState::new(w);
-            self.spec = Some(*spec);
-            self.reserved = reserved;
+            self.restart(w);
             None
         } else {
             self.window = w;
@@ -256,6 +443,37 @@ pub struct Settled {
     pub window: Window,
 }
 
+/// The replica sync layer's inbox: every [`StoreOp`] the ledger emits, in order.
+pub type RemoteSink = tokio::sync::mpsc::UnboundedSender<StoreOp>;
+
+/// Where the ledger's changes go: the local store writer and, with several replicas, the
+/// sync layer.
+#[derive(Debug, Clone, Default)]
+struct Sinks {
+    writer: Option<Writer>,
+    remote: Option<RemoteSink>,
+}
+
+impl Sinks {
+    fn send(&self, op: StoreOp) {
+        match (&self.writer, &self.remote) {
+            (Some(w), Some(r)) => {
+                let _ = r.send(op.clone());
+                w.send(op);
+            }
+            (Some(w), None) => w.send(op),
+            (None, Some(r)) => {
+                let _ = r.send(op);
+            }
+            (None, None) => {}
+        }
+    }
+
+    fn active(&self) -> bool {
+        self.writer.is_some() || self.remote.is_some()
+    }
+}
+
 /// Tokens held for a request in flight. Settle it once; dropping it unsettled releases the
 /// hold (charges nothing), so a reservation is never leaked.
 #[derive(Debug)]
@@ -263,7 +481,7 @@ pub struct Reservation {
     agent: Arc<AgentLedger>,
     spec: PeriodSpec,
     estimate_tokens: u64,
-    writer: Option<Writer>,
+    sinks: Sinks,
     settled: bool,
 }
 
@@ -300,6 +518,7 @@ impl Reservation {
         let (rekey, delta, settled) = {
             let mut st = self.agent.lock();
             st.reserved = st.reserved.saturating_sub(self.estimate_tokens);
+            st.in_flight = st.in_flight.saturating_sub(1);
             let rekey = st.align(&self.spec, now);
             let before_tokens = st.committed;
             st.committed = st.committed.saturating_add(charge.total_tokens);
@@ -328,6 +547,9 @@ impl Reservation {
                 blocked: 0,
                 cost_pico: charge.cost_pico,
             };
+            if self.sinks.remote.is_some() {
+                st.note_pending(&delta);
+            }
             let settled = Settled {
                 before_tokens,
                 after_tokens: st.committed,
@@ -335,12 +557,10 @@ impl Reservation {
             };
             (rekey, delta, settled)
         };
-        if let Some(w) = &self.writer {
-            if let Some((from, win)) = rekey {
-                w.send(rekey_op(&self.agent.id, from, win));
-            }
-            w.send(StoreOp::Add(delta));
+        if let Some((from, win)) = rekey {
+            self.sinks.send(rekey_op(&self.agent.id, from, win));
         }
+        self.sinks.send(StoreOp::Add(delta));
         settled
     }
 }
@@ -350,7 +570,19 @@ impl Drop for Reservation {
         if !self.settled {
             let mut st = self.agent.lock();
             st.reserved = st.reserved.saturating_sub(self.estimate_tokens);
+            st.in_flight = st.in_flight.saturating_sub(1);
         }
+    }
+}
+
+fn blocked_delta(agent: &str, w: Window, now: DateTime<Utc>) -> UsageDelta {
+    UsageDelta {
+        agent: agent.to_string(),
+        period_start: w.start.timestamp(),
+        period_end: w.end.map(|e| e.timestamp()),
+        hour_start: now.timestamp() - now.timestamp().rem_euclid(3600),
+        blocked: 1,
+        ..UsageDelta::default()
     }
 }
 
@@ -380,7 +612,10 @@ pub struct DynamicAgentCap(pub usize);
 pub struct Ledger {
     agents: DashMap<Arc<str>, Arc<AgentLedger>>,
     dynamic_agents: AtomicUsize,
-    writer: Option<Writer>,
+    sinks: Sinks,
+    /// Replica sync: admission also needs a lease (off while the shared store is down in
+    /// `open` failure mode: each replica then enforces its own view).
+    leased: AtomicBool,
 }
 
 impl Ledger {
@@ -389,8 +624,37 @@ impl Ledger {
         Self {
             agents: DashMap::new(),
             dynamic_agents: AtomicUsize::new(0),
-            writer,
+            sinks: Sinks {
+                writer,
+                remote: None,
+            },
+            leased: AtomicBool::new(false),
         }
+    }
+
+    /// A ledger of one replica among several: every change also goes to `remote` (the
+    /// replica sync layer), and admission needs a lease while [`Ledger::set_leased`] is on
+    /// (it starts on).
+    pub fn with_remote(writer: Option<Writer>, remote: RemoteSink) -> Self {
+        Self {
+            agents: DashMap::new(),
+            dynamic_agents: AtomicUsize::new(0),
+            sinks: Sinks {
+                writer,
+                remote: Some(remote),
+            },
+            leased: AtomicBool::new(true),
+        }
+    }
+
+    /// Whether admission needs a lease (replica sync with the shared store reachable).
+    pub fn set_leased(&self, on: bool) {
+        self.leased.store(on, Ordering::Release);
+    }
+
+    /// See [`Ledger::set_leased`].
+    pub fn is_leased(&self) -> bool {
+        self.sinks.remote.is_some() && self.leased.load(Ordering::Acquire)
     }
 
     /// Seed from the store's latest rows at start-up. `budget_of` gives each agent's budget
@@ -416,9 +680,7 @@ impl Ledger {
                 continue; // an old period: the running one starts from zero
             }
             if start != w.start.timestamp() {
-                if let Some(wr) = &self.writer {
-                    wr.send(rekey_op(&agent, start, w));
-                }
+                self.sinks.send(rekey_op(&agent, start, w));
             }
             let mut st = AgentState::new(w);
             for r in rows {
@@ -487,10 +749,13 @@ impl Ledger {
         now: DateTime<Utc>,
         estimate_tokens: u64,
     ) -> Admission {
+        let leased = self.is_leased();
         let (admission, rekey, refused) = {
             let mut st = agent.lock();
             let rekey = st.align(&budget.period, now);
-            let over = st.committed.saturating_add(st.reserved) >= budget.max_tokens;
+            st.last_estimate = estimate_tokens;
+            let over = st.committed.saturating_add(st.reserved) >= budget.max_tokens
+                || (leased && st.held() >= st.lease_tokens());
             let retry_after_secs = secs_until(st.window.end, now);
             let decision = if !over {
                 Decision::Allow
@@ -512,11 +777,12 @@ impl Ledger {
             let reservation = if goes_ahead {
                 st.reserved = st.reserved.saturating_add(estimate_tokens);
                 st.requests += 1;
+                st.in_flight += 1;
                 Some(Reservation {
                     agent: agent.clone(),
                     spec: budget.period,
                     estimate_tokens,
-                    writer: self.writer.clone(),
+                    sinks: self.sinks.clone(),
                     settled: false,
                 })
             } else {
@@ -524,10 +790,11 @@ impl Ledger {
             };
             let refused = if matches!(decision, Decision::Block { .. }) {
                 st.blocked += 1;
-                Some((
-                    st.window.start.timestamp(),
-                    st.window.end.map(|e| e.timestamp()),
-                ))
+                let d = blocked_delta(&agent.id, st.window, now);
+                if self.sinks.remote.is_some() {
+                    st.note_pending(&d);
+                }
+                Some(d)
             } else {
                 None
             };
@@ -547,19 +814,12 @@ impl Ledger {
                 refused,
             )
         };
-        if let Some(w) = &self.writer {
+        if self.sinks.active() {
             if let Some((from, win)) = rekey {
-                w.send(rekey_op(&agent.id, from, win));
+                self.sinks.send(rekey_op(&agent.id, from, win));
             }
-            if let Some((period_start, period_end)) = refused {
-                w.send(StoreOp::Add(UsageDelta {
-                    agent: agent.id.to_string(),
-                    period_start,
-                    period_end,
-                    hour_start: now.timestamp() - now.timestamp().rem_euclid(3600),
-                    blocked: 1,
-                    ..UsageDelta::default()
-                }));
+            if let Some(d) = refused {
+                self.sinks.send(StoreOp::Add(d));
             }
         }
         admission
@@ -577,32 +837,24 @@ impl Ledger {
             let rekey = st.align(&budget.period, now);
             (st.remaining(budget.max_tokens), rekey)
         };
-        if let (Some(w), Some((from, win))) = (&self.writer, rekey) {
-            w.send(rekey_op(&agent.id, from, win));
+        if let Some((from, win)) = rekey {
+            self.sinks.send(rekey_op(&agent.id, from, win));
         }
         remaining
     }
 
     /// Record a refusal decided outside `admit` (e.g. a queue time-out).
     pub fn count_refusal(&self, agent: &Arc<AgentLedger>, now: DateTime<Utc>) {
-        let (period_start, period_end) = {
+        let d = {
             let mut st = agent.lock();
             st.blocked += 1;
-            (
-                st.window.start.timestamp(),
-                st.window.end.map(|e| e.timestamp()),
-            )
+            let d = blocked_delta(&agent.id, st.window, now);
+            if self.sinks.remote.is_some() {
+                st.note_pending(&d);
+            }
+            d
         };
-        if let Some(w) = &self.writer {
-            w.send(StoreOp::Add(UsageDelta {
-                agent: agent.id.to_string(),
-                period_start,
-                period_end,
-                hour_start: now.timestamp() - now.timestamp().rem_euclid(3600),
-                blocked: 1,
-                ..UsageDelta::default()
-            }));
-        }
+        self.sinks.send(StoreOp::Add(d));
     }
 
     /// The numbers of `agent` for the period that contains `now` (`None`: never seen).
@@ -638,8 +890,8 @@ impl Ledger {
                 rekey,
             )
         };
-        if let (Some(w), Some((from, win))) = (&self.writer, rekey) {
-            w.send(rekey_op(&e.id, from, win));
+        if let Some((from, win)) = rekey {
+            self.sinks.send(rekey_op(&e.id, from, win));
         }
         Some(t)
     }
@@ -651,19 +903,162 @@ impl Ledger {
         };
         let start = {
             let mut st = e.lock();
-            let reserved = st.reserved;
             let w = st.window;
-            *st = AgentState::new(w);
-            st.reserved = reserved;
+            st.restart(w);
             w.start.timestamp()
         };
-        if let Some(w) = &self.writer {
-            w.send(StoreOp::Reset {
-                agent: agent.to_string(),
-                period_start: start,
-            });
-        }
+        self.sinks.send(StoreOp::Reset {
+            agent: agent.to_string(),
+            period_start: start,
+        });
         true
+    }
+
+    /// Another replica reset `agent`'s period that starts at `period_start`: zero this
+    /// replica's view of it (the shared store was reset by that replica). Returns whether
+    /// the running period was that one.
+    pub fn reset_view(&self, agent: &str, period_start: i64) -> bool {
+        let Some(e) = self.agents.get(agent).map(|e| e.value().clone()) else {
+            return false;
+        };
+        let mut st = e.lock();
+        if st.window.start.timestamp() != period_start {
+            return false;
+        }
+        let w = st.window;
+        st.restart(w);
+        true
+    }
+
+    /// Replica sync: take the shared store's numbers for `agent` (see [`RemoteUpdate`]).
+    /// The agent's numbers become the shared totals plus what this replica sent that they
+    /// do not include yet. Returns the committed tokens before and after (for alerts) when
+    /// the totals are of the running period. `create`: make the entry if it is missing.
+    pub fn apply_remote(
+        &self,
+        agent: &str,
+        spec: &PeriodSpec,
+        now: DateTime<Utc>,
+        update: RemoteUpdate,
+        create: bool,
+    ) -> Option<Settled> {
+        let e = match self.agents.get(agent) {
+            Some(e) => e.value().clone(),
+            None if create => self.entry(agent, spec, now, None).ok()?,
+            None => return None,
+        };
+        let (rekey, settled) = {
+            let mut st = e.lock();
+            let rekey = st.align(spec, now);
+            if let (Some(acked), Some(p)) = (&update.acked, st.pending.as_mut()) {
+                p.sub(acked);
+                if p.is_empty() {
+                    st.pending = None;
+                }
+            }
+            let settled = (update.period_start == st.window.start.timestamp()).then(|| {
+                let before = st.committed;
+                let mut view = update.totals;
+                if let Some(p) = &st.pending {
+                    view.add(p);
+                }
+                st.committed = view.total_tokens;
+                st.prompt = view.prompt_tokens;
+                st.completion = view.completion_tokens;
+                st.cached = view.cached_tokens;
+                st.requests = view.requests.saturating_add(st.in_flight);
+                st.blocked = view.blocked;
+                st.cost_pico = view.cost_pico;
+                st.by_model = view.by_model;
+                if let Some(l) = update.lease {
+                    st.lease = Some((update.period_start, l));
+                }
+                Settled {
+                    before_tokens: before,
+                    after_tokens: st.committed,
+                    window: st.window,
+                }
+            });
+            (rekey, settled)
+        };
+        if let Some((from, win)) = rekey {
+            self.sinks.send(rekey_op(&e.id, from, win));
+        }
+        settled
+    }
+
+    /// Replica sync: usage of `agent` that this replica holds but the shared store has not
+    /// confirmed (e.g. an outbox replayed at start-up): counted now, confirmed later through
+    /// [`RemoteUpdate::acked`].
+    pub fn add_pending(
+        &self,
+        agent: &str,
+        spec: &PeriodSpec,
+        now: DateTime<Utc>,
+        counts: &PeriodCounts,
+    ) {
+        let Ok(e) = self.entry(agent, spec, now, None) else {
+            return;
+        };
+        let mut st = e.lock();
+        st.pending.get_or_insert_with(Default::default).add(counts);
+        st.committed = st.committed.saturating_add(counts.total_tokens);
+        st.prompt = st.prompt.saturating_add(counts.prompt_tokens);
+        st.completion = st.completion.saturating_add(counts.completion_tokens);
+        st.cached = st.cached.saturating_add(counts.cached_tokens);
+        st.requests = st.requests.saturating_add(counts.requests);
+        st.blocked = st.blocked.saturating_add(counts.blocked);
+        st.cost_pico = st.cost_pico.saturating_add(counts.cost_pico);
+        for (k, v) in &counts.by_model {
+            let m = st.by_model.entry(k.clone()).or_default();
+            m.prompt_tokens += v.prompt_tokens;
+            m.completion_tokens += v.completion_tokens;
+            m.cached_tokens += v.cached_tokens;
+            m.total_tokens += v.total_tokens;
+            m.requests += v.requests;
+            m.cost_pico += v.cost_pico;
+        }
+    }
+
+    /// Replica sync: forget the lease of `agent` (it expired without renewal).
+    pub fn drop_lease(&self, agent: &str) {
+        if let Some(e) = self.agents.get(agent) {
+            e.value().lock().lease = None;
+        }
+    }
+
+    /// Replica sync: the lease position of `agent` under `budget` at `now`.
+    pub fn lease_status(
+        &self,
+        agent: &Arc<AgentLedger>,
+        budget: &AgentBudget,
+        now: DateTime<Utc>,
+    ) -> LeaseStatus {
+        let (status, rekey) = {
+            let mut st = agent.lock();
+            let rekey = st.align(&budget.period, now);
+            (
+                LeaseStatus {
+                    window: st.window,
+                    used: st.held(),
+                    lease: st.lease_tokens(),
+                    committed: st.committed,
+                    over: st.committed.saturating_add(st.reserved) >= budget.max_tokens,
+                    last_estimate: st.last_estimate,
+                    in_flight: st.in_flight,
+                },
+                rekey,
+            )
+        };
+        if let Some((from, win)) = rekey {
+            self.sinks.send(rekey_op(&agent.id, from, win));
+        }
+        status
+    }
+
+    /// The entry of `agent` if it exists.
+    pub fn get(&self, agent: &str) -> Option<Arc<AgentLedger>> {
+        self.agents.get(agent).map(|e| e.value().clone())
     }
 
     /// Ids of every agent the ledger knows.

@@ -40,6 +40,8 @@ struct AgentQueue {
 /// All agents' parked requests.
 pub struct Queues {
     agents: DashMap<Arc<str>, Arc<Mutex<AgentQueue>>>,
+    /// Wakes the deferred-job runner when budget may have returned.
+    jobs: tokio::sync::Notify,
     next_id: AtomicU64,
     shutdown: watch::Sender<bool>,
 }
@@ -56,6 +58,7 @@ impl Default for Queues {
     fn default() -> Self {
         Self {
             agents: DashMap::new(),
+            jobs: tokio::sync::Notify::new(),
             next_id: AtomicU64::new(1),
             shutdown: watch::channel(false).0,
         }
@@ -211,7 +214,17 @@ impl Queues {
         released
     }
 
-    /// [`Queues::release`] for `agent` under `config`.
+    /// Tell the deferred-job runner that budget may have returned.
+    pub fn wake_jobs(&self) {
+        self.jobs.notify_one();
+    }
+
+    /// Resolves when [`Queues::wake_jobs`] was called.
+    pub async fn jobs_woken(&self) {
+        self.jobs.notified().await;
+    }
+
+    /// [`Queues::release`] for `agent` under `config` (and a wake-up for deferred jobs).
     pub fn release_agent(
         &self,
         ledger: &Ledger,
@@ -219,6 +232,7 @@ impl Queues {
         agent: &str,
         now: DateTime<Utc>,
     ) -> usize {
+        self.wake_jobs();
         if !self.has_waiters(agent) {
             return 0;
         }

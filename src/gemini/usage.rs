@@ -2,7 +2,8 @@
 //!
 //! Responses are metered as they stream through, so the body is never buffered: the
 //! [`UsageScanner`] is fed each chunk as it passes and keeps only a few hundred bytes of state
-//! (at most one `usageMetadata` object, capped at 16 KiB). One byte-level state machine serves
+//! (plus at most two `usageMetadata` objects, each capped at 16 KiB: the last one, whose
+//! parsing is deferred, and the one being read). One byte-level state machine serves
 //! the three framings Gemini uses: one JSON object (`generateContent`), SSE
 //! (`data: {…}\r\n\r\n`, possibly ended by a raw `{"error":…}`), and a pretty-printed JSON
 //! array streamed one element at a time.
@@ -452,8 +453,8 @@ static STRUCTURAL: [bool; 256] = {
 /// JSON-array stream without buffering the body. It tracks only JSON structure (depth, strings,
 /// escapes), ignores bytes outside any JSON value (such as `data: `), and recognises keys only
 /// in the response objects themselves (depth 1 for an object body, 2 inside an array), so a
-/// `usageMetadata` inside function-call arguments is not taken. Its memory is bounded (about
-/// 16 KiB at most) whatever it is fed, and malformed input never panics.
+/// `usageMetadata` inside function-call arguments is not taken. Its memory is bounded (under
+/// 33 KiB) whatever it is fed, and malformed input never panics.
 #[derive(Debug, Default)]
 pub struct UsageScanner {
     /// Nesting depth of JSON containers (0 between values).
@@ -469,7 +470,8 @@ pub struct UsageScanner {
     key: [u8; KEY_CAP],
     /// How many bytes of `key` are used.
     key_len: u8,
-    /// The current string can still be a key we act on (no escape, not too long).
+    /// `key` holds the whole current string so far (it is not too long, and did not start a
+    /// chunk with an escaped byte).
     key_ok: bool,
     /// What the bytes after a candidate key mean.
     after: After,
@@ -513,7 +515,9 @@ impl UsageScanner {
         Self::default()
     }
 
-    /// Feed the next chunk of the body.
+    /// Feed the next chunk of the body. Chunks may be cut anywhere (inside a key, an escape or
+    /// a UTF-8 character, between `\r` and `\n`): the outcome does not depend on where, so
+    /// the proxy can pass each network chunk straight through.
     pub fn feed(&mut self, chunk: &[u8]) {
         let n = chunk.len();
         if n == 0 {
@@ -696,7 +700,8 @@ impl UsageScanner {
         has.then_some(usage)
     }
 
-    /// The last `modelVersion` seen.
+    /// The last `modelVersion` seen: the model that actually served the response, which is
+    /// what to price by (retired ids may be routed to newer models).
     pub fn model_version(&self) -> Option<&str> {
         self.model_version.as_deref()
     }
@@ -724,14 +729,15 @@ impl UsageScanner {
         match self.key.get_mut(len..len + s.len()) {
             Some(dst) => {
                 dst.copy_from_slice(s);
-                // len + s.len() <= KEY_CAP = 16, so this fits in u8.
+                // len + s.len() <= KEY_CAP = 32, so this fits in u8.
                 self.key_len = u8::try_from(len + s.len()).unwrap_or(u8::MAX);
             }
             None => self.key_ok = false,
         }
     }
 
-    /// A string (without escapes) closed: if it may be a key we act on, wait for its `:`.
+    /// A string closed outside any capture: if it is one of the keys we act on (at the right
+    /// depth), wait for its `:`.
     #[inline]
     fn match_key(&mut self, key: &[u8]) {
         if !is_key_len(key.len()) {
@@ -841,7 +847,7 @@ impl UsageScanner {
             return;
         }
         let inner = &self.cap_buf[1..self.cap_buf.len() - 1];
-        let escaped = inner.iter().any(|&b| b == b'\\');
+        let escaped = inner.contains(&b'\\');
         if !escaped && self.model_version.as_deref().map(str::as_bytes) == Some(inner) {
             // The same as before (every stream event repeats it).
         } else if !escaped {
@@ -1383,6 +1389,7 @@ mod tests {
             s.feed(c);
         }
         assert!(s.cap_buf.capacity() <= USAGE_CAP);
+        assert!(s.pending.capacity() <= USAGE_CAP);
     }
 
     #[test]
@@ -1395,6 +1402,7 @@ mod tests {
         for c in body.as_bytes().chunks(65_536) {
             s.feed(c);
             assert!(s.cap_buf.capacity() <= USAGE_CAP);
+            assert!(s.pending.capacity() <= USAGE_CAP);
         }
         // The oversized usage object is skipped; the next one is taken.
         assert_eq!(
@@ -1405,7 +1413,11 @@ mod tests {
             })
         );
         assert_eq!(s.model_version(), Some("gemini-2.5-flash"));
-        assert!(std::mem::size_of::<UsageScanner>() + s.cap_buf.capacity() <= 64 * 1024);
+        let held = std::mem::size_of::<UsageScanner>()
+            + s.cap_buf.capacity()
+            + s.pending.capacity()
+            + s.model_version.as_ref().map_or(0, String::capacity);
+        assert!(held <= 33 * 1024, "{held}");
     }
 
     #[test]
@@ -1414,6 +1426,22 @@ mod tests {
         let body = format!(r#"{{"usageMetadata":{{"totalTokenCount":5,"pad":"{pad}"}}}}"#);
         let s = scan(body.as_bytes());
         assert_eq!(s.usage().unwrap().total_tokens, 5);
+        // Two such objects held (one pending, one being read) still fit the bound.
+        let mut s = UsageScanner::new();
+        for c in [
+            body.as_bytes(),
+            body.as_bytes(),
+            &body.as_bytes()[..body.len() - 2],
+        ] {
+            for piece in c.chunks(1000) {
+                s.feed(piece);
+            }
+        }
+        assert!(s.cap_buf.len() > USAGE_CAP - 100);
+        assert!(s.pending.len() > USAGE_CAP - 100);
+        assert!(s.cap_buf.capacity() <= USAGE_CAP);
+        assert!(s.pending.capacity() <= USAGE_CAP);
+        assert!(std::mem::size_of::<UsageScanner>() + 2 * USAGE_CAP <= 33 * 1024);
     }
 
     #[test]

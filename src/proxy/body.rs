@@ -48,7 +48,10 @@ impl PeekedBody {
         max_bytes: usize,
     ) -> Result<Self, ProxyError> {
         if content_length.is_some_and(|n| n > max_bytes as u64) {
-            return Err(ProxyError::BodyTooLarge { limit: max_bytes });
+            return Err(ProxyError::BodyTooLarge {
+                limit: max_bytes,
+                flag: "--max-body-bytes",
+            });
         }
         let mut chunks = VecDeque::new();
         let mut read = 0usize;
@@ -61,7 +64,10 @@ impl PeekedBody {
                     if let Ok(data) = frame.into_data() {
                         read += data.len();
                         if read > max_bytes {
-                            return Err(ProxyError::BodyTooLarge { limit: max_bytes });
+                            return Err(ProxyError::BodyTooLarge {
+                                limit: max_bytes,
+                                flag: "--max-body-bytes",
+                            });
                         }
                         chunks.push_back(data);
                     }
@@ -84,6 +90,17 @@ impl PeekedBody {
         })
     }
 
+    /// A body known in full (a stored deferred request).
+    pub fn from_bytes(b: Bytes) -> Self {
+        Self {
+            complete: true,
+            len: Some(b.len() as u64),
+            chunks: VecDeque::from([b.clone()]),
+            head: b,
+            rest: None,
+        }
+    }
+
     /// Read the rest too (needed to rewrite model names in the body), up to `max_bytes`.
     pub async fn read_all(mut self, max_bytes: usize) -> Result<Self, ProxyError> {
         if let Some(mut rest) = self.rest.take() {
@@ -92,7 +109,10 @@ impl PeekedBody {
                 let frame = frame.map_err(|e| ProxyError::BadRequestBody(e.to_string()))?;
                 if let Ok(data) = frame.into_data() {
                     if buf.len() + data.len() > max_bytes {
-                        return Err(ProxyError::BodyTooLarge { limit: max_bytes });
+                        return Err(ProxyError::BodyTooLarge {
+                            limit: max_bytes,
+                            flag: "--max-body-bytes",
+                        });
                     }
                     buf.extend_from_slice(&data);
                 }

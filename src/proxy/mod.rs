@@ -2,6 +2,7 @@
 //! (rewriting the model on degrade), and meter the response as it streams back.
 
 pub mod body;
+pub mod jobs;
 pub mod metered;
 pub mod upstream;
 
@@ -38,6 +39,10 @@ pub struct ProxySettings {
     pub default_output_tokens: u64,
     /// The real key sent upstream in place of virtual keys.
     pub gemini_api_key: Option<HeaderValue>,
+    /// Largest body of a deferred request (413 beyond).
+    pub max_deferred_body_bytes: usize,
+    /// How long a finished job's response is kept.
+    pub job_ttl: Duration,
 }
 
 /// State shared by every request.
@@ -60,6 +65,10 @@ pub struct Shared {
     pub client: UpstreamClient,
     /// Background drains of bodies whose client left (shutdown waits for them).
     pub drains: tokio_util::task::TaskTracker,
+    /// Deferred jobs (the embedded store).
+    pub jobs: Arc<crate::store::LocalStore>,
+    /// Jobs waiting for budget (lets the runner skip the store when there are none).
+    pub pending_jobs: std::sync::atomic::AtomicU64,
     /// Tunables.
     pub settings: ProxySettings,
 }
@@ -82,7 +91,7 @@ const X_GOOG_UPLOAD_URL: HeaderName = HeaderName::from_static("x-goog-upload-url
 
 /// The `x-budget-*` headers of a response.
 #[derive(Debug, Clone)]
-struct BudgetHeaders {
+pub(crate) struct BudgetHeaders {
     agent_id: Arc<str>,
     agent: HeaderValue,
     remaining_tokens: u64,
@@ -170,6 +179,18 @@ fn degrade_reads_body(model_method: &str) -> bool {
     )
 }
 
+/// Where a request comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// A client on the proxy port (`prefer_async`: it sent `Prefer: respond-async`).
+    Client {
+        /// Defer instead of parking when the queue action applies.
+        prefer_async: bool,
+    },
+    /// A deferred job being run: never parks; "not yet" when over budget.
+    Job,
+}
+
 async fn forward(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
@@ -177,10 +198,67 @@ async fn forward(
     upstream_wait: &mut Duration,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let config = shared.config.load_full();
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let full_path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_string);
     let ident = identify(&full_path, query.as_deref(), &parts.headers, &config)?;
+    let path = match &full_path[ident.prefix_len..] {
+        "" => "/",
+        p => p,
+    };
+    if let Some(job_id) = path.strip_prefix("/budget-jobs/") {
+        return jobs::answer(shared, &ident, &parts.method, job_id).await;
+    }
+    let content_length = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let peeked = PeekedBody::read(
+        body,
+        content_length,
+        shared.settings.peek_bytes,
+        shared.settings.max_body_bytes,
+    )
+    .await?;
+    let prefer_async = parts
+        .headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+        });
+    dispatch(
+        shared,
+        &config,
+        parts,
+        &ident,
+        &full_path,
+        query,
+        peeked,
+        Origin::Client { prefer_async },
+        budget_headers,
+        upstream_wait,
+    )
+    .await
+}
+
+/// Admission, degrade and forwarding of an identified request whose body was peeked.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn dispatch(
+    shared: &Arc<Shared>,
+    config: &Config,
+    mut parts: http::request::Parts,
+    ident: &Identity,
+    full_path: &str,
+    query: Option<String>,
+    mut peeked: PeekedBody,
+    origin: Origin,
+    budget_headers: &mut Option<BudgetHeaders>,
+    upstream_wait: &mut Duration,
+) -> Result<Response<ResponseBody>, ProxyError> {
     let path = match &full_path[ident.prefix_len..] {
         "" => "/",
         p => p,
@@ -201,20 +279,7 @@ async fn forward(
         })?;
     let agent_header = HeaderValue::from_str(&ident.agent)
         .map_err(|_| ProxyError::BadAgentId(ident.agent.clone()))?;
-
     let call = parse_model_call(path);
-    let content_length = parts
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let mut peeked = PeekedBody::read(
-        body,
-        content_length,
-        shared.settings.peek_bytes,
-        shared.settings.max_body_bytes,
-    )
-    .await?;
 
     let mut upstream_path = std::borrow::Cow::Borrowed(path);
     let mut reservation = None;
@@ -226,6 +291,7 @@ async fn forward(
         // Queue agents keep FIFO order: while others wait, a newcomer waits behind them.
         let mut admission =
             if budget.action == Action::Queue && shared.queues.has_waiters(&ident.agent) {
+                // (A job yields to parked requests: they hold connections.)
                 let resets_at = crate::budget::period::window(&budget.period, now).end;
                 Admission {
                     decision: Decision::Queue {
@@ -251,6 +317,28 @@ async fn forward(
             headers.action = "block";
             headers.remaining_tokens = 0;
             *budget_headers = Some(headers.clone());
+            match origin {
+                Origin::Job => return Err(ProxyError::NotYet),
+                Origin::Client { prefer_async: true } => {
+                    headers.action = "queued";
+                    *budget_headers = Some(headers);
+                    let prefix = &full_path[..ident.prefix_len];
+                    return jobs::defer(
+                        shared,
+                        ident,
+                        parts,
+                        path,
+                        query,
+                        peeked,
+                        prefix,
+                        admission.resets_at,
+                    )
+                    .await;
+                }
+                Origin::Client {
+                    prefer_async: false,
+                } => {}
+            }
             let waited = std::time::Instant::now();
             admission = park(
                 shared,
@@ -343,7 +431,7 @@ async fn forward(
     // Build the upstream request.
     let public_base = public_base(&parts, &full_path[..ident.prefix_len]);
     let query = match (ident.substitute_key, query) {
-        (Some(KeyPlace::Query), Some(q)) => Some(substitute_query_key(&q, shared, &ident)?),
+        (Some(KeyPlace::Query), Some(q)) => Some(substitute_query_key(&q, shared, ident)?),
         (_, q) => q,
     };
     let uri = shared
@@ -548,7 +636,7 @@ fn rewrite_upload_url(headers: &mut HeaderMap, public_base: &Option<String>) {
 
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`,
 /// and `x-agent-id` (consumed by the proxy, like the `/agents/{id}` prefix).
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(http::header::CONNECTION)
         .iter()

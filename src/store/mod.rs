@@ -4,7 +4,11 @@
 //! Counters are keyed by (agent, period start, model): a new period is a new key, so there
 //! is no reset job and a restart in a new period starts from zero by construction.
 
+pub mod jobs;
 pub mod local;
+/// Shared counters across replicas: Redis keys and the sync script.
+pub mod redis;
+pub mod redis_sync;
 pub mod writer;
 
 pub use local::LocalStore;

@@ -50,6 +50,8 @@ pub fn options(state_dir: &Path, config_path: PathBuf, upstream: &str) -> Option
         shutdown_timeout: Duration::from_secs(10),
         flush_interval: Duration::from_millis(50),
         max_body_bytes: 1024 * 1024,
+        max_deferred_body_bytes: 64 * 1024,
+        job_ttl: Duration::from_secs(3600),
         default_output_tokens: 16,
         watch_config: None,
         admin_token: Some(ADMIN_TOKEN.to_string()),

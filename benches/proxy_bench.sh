@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One command: the budget-proxy benchmark against nginx and direct access (see README.md).
+#
+#   benches/proxy_bench.sh            # 10 s per run (about 3 minutes in all)
+#   benches/proxy_bench.sh --quick    # 3 s per run, for development
+#   benches/proxy_bench.sh --rounds 3 # every run three times, medians and spread
+#
+# Builds the release binaries, installs nginx and wrk from Debian when missing, then runs
+# benches/proxy_bench.py. Loopback only; every run is bounded; everything it started is
+# stopped on exit (also on Ctrl-C).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "installing ${need_apt[*]} (Debian packages)" >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    # The package's own service must not start: the benchmark runs its own nginx.
+    DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $SUDO apt-get install -y -qq "${need_apt[@]}" >&2
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+echo "building (release)" >&2
+cargo build --release --quiet --bin budget-proxy --example mock-gemini
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+
+# 10,000 idle connections need file descriptors in this shell's children.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+py_pid=""
+cleanup() {
+    if [ -n "$py_pid" ] && kill -0 "$py_pid" 2>/dev/null; then
+        kill -TERM "$py_pid" 2>/dev/null || true
+        wait "$py_pid" 2>/dev/null || true
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+python3 benches/proxy_bench.py \
+    --proxy-bin "$TARGET_DIR/release/budget-proxy" \
+    --mock-bin "$TARGET_DIR/release/examples/mock-gemini" \
+    --nginx "$NGINX" "$@" &
+py_pid=$!
+wait "$py_pid"
