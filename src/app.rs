@@ -10,6 +10,7 @@ use crate::config::live::LiveConfig;
 use crate::metrics::Metrics;
 use crate::proxy::{self, upstream, ProxySettings, Shared};
 use crate::server;
+use crate::store::redis_sync::{Gate, RedisSettings, RedisSync};
 use crate::store::ALERTS_KEPT;
 use crate::store::{LocalStore, Store, Writer};
 use crate::webhook::{WebhookSettings, Webhooks};
@@ -64,6 +65,8 @@ pub struct Options {
     pub watch_config: Option<Duration>,
     /// `GEMINI_API_KEY`.
     pub gemini_api_key: Option<String>,
+    /// Shared counters across replicas (`--redis-url`); `None`: this process alone.
+    pub redis_url: Option<String>,
 }
 
 /// A running proxy.
@@ -117,15 +120,23 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
         })?);
     let store: Arc<dyn Store> = local_store.clone();
     let (writer, writer_task) = Writer::start(store.clone(), opts.flush_interval);
-    let ledger = Arc::new(Ledger::new(Some(writer.clone())));
-    let rows = store
-        .load_latest()
-        .context("reading counters from the embedded store")?;
-    ledger.seed(
-        rows,
-        |a| config.agent(a).unwrap_or(&config.default),
-        clock.now(),
-    );
+    // With Redis the counters live there (read back by the sync layer below); the embedded
+    // store keeps this replica's history and alerts.
+    let (remote_tx, remote_rx) = tokio::sync::mpsc::unbounded_channel();
+    let ledger = Arc::new(match &opts.redis_url {
+        Some(_) => Ledger::with_remote(Some(writer.clone()), remote_tx),
+        None => Ledger::new(Some(writer.clone())),
+    });
+    if opts.redis_url.is_none() {
+        let rows = store
+            .load_latest()
+            .context("reading counters from the embedded store")?;
+        ledger.seed(
+            rows,
+            |a| config.agent(a).unwrap_or(&config.default),
+            clock.now(),
+        );
+    }
 
     let upstream = upstream::Upstream::parse(&opts.upstream)?;
     let client = upstream::client(
@@ -154,6 +165,22 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
     ));
     let metrics = Arc::new(Metrics::default());
     let queues = Arc::new(Queues::default());
+    let redis_sync = match &opts.redis_url {
+        Some(url) => Some(
+            RedisSync::start(
+                RedisSettings::new(url, opts.state_dir.clone()),
+                remote_rx,
+                ledger.clone(),
+                live.clone(),
+                queues.clone(),
+                &alerts,
+                clock.clone(),
+                Duration::from_secs(3),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let drains = tokio_util::task::TaskTracker::new();
     let shared = Arc::new(Shared {
         config: live.snapshot(),
@@ -188,6 +215,7 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
         queues: queues.clone(),
         alerts: Some(alerts.clone() as Arc<dyn admin::AlertSource>),
         jobs: Some(local_store.clone()),
+        redis: redis_sync.clone(),
     });
     // A config change (reload or admin update) may raise a limit: release parked requests.
     {
@@ -228,10 +256,11 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
     let (stop, stop_rx) = watch::channel(false);
     let drain = opts.shutdown_timeout;
     let jobs_task = tokio::spawn(proxy::jobs::run(shared.clone(), stop_rx.clone()));
+    let redis_sync_gate = redis_sync.clone();
     let proxy_task = tokio::spawn(server::serve(
         proxy_listener,
         proxy_tls,
-        move |req| proxy::handle(shared.clone(), req),
+        move |req| gated(redis_sync_gate.clone(), shared.clone(), req),
         stop_rx.clone(),
         drain,
         "proxy",
@@ -255,6 +284,10 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
         if tokio::time::timeout(drain, drains.wait()).await.is_err() {
             tracing::warn!(target: "server", "drain deadline reached with upstream bodies still being read");
         }
+        // The last settles: to Redis (or its outbox file) first, then the embedded store.
+        if let Some(sync) = &redis_sync {
+            sync.shutdown(drain).await;
+        }
         // The last settles' alerts: to the store, and to the webhooks within the deadline.
         tokio::join!(writer.flush(), alerts_stop.shutdown(drain));
         writer_task.abort();
@@ -270,6 +303,28 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
         stop,
         done,
     })
+}
+
+/// The proxy behind the replica gate: with Redis, a budgeted request whose agent has no
+/// lease left waits for one sync round first (or gets 503 in `closed` mode while Redis is
+/// down); without Redis, straight to the proxy.
+async fn gated(
+    sync: Option<RedisSync>,
+    shared: Arc<Shared>,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<proxy::body::ResponseBody> {
+    if let Some(sync) = sync {
+        match sync.gate(&req) {
+            Gate::Pass => {}
+            Gate::Reply(resp) => return resp,
+            Gate::Wait(rx, limit) => {
+                if let Some(resp) = sync.wait(rx, limit).await {
+                    return resp;
+                }
+            }
+        }
+    }
+    proxy::handle(shared, req).await
 }
 
 /// Run until SIGTERM or SIGINT, then shut down gracefully.

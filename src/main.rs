@@ -86,7 +86,8 @@ struct ServeArgs {
     /// Directory of the embedded store.
     #[arg(long, env = "BUDGET_PROXY_STATE_DIR", default_value = "./data")]
     state_dir: PathBuf,
-    /// Redis URL for shared counters across replicas (not available yet).
+    /// Redis URL (redis://host:port[/db]) for counters shared by several replicas; unset:
+    /// the embedded store.
     #[arg(long, env = "BUDGET_PROXY_REDIS_URL")]
     redis_url: Option<String>,
     /// PEM certificate chain for TLS on the proxy port (with --tls-key; reloaded on change).
@@ -165,10 +166,6 @@ fn env_secret(name: &str) -> Option<String> {
 
 fn serve(args: ServeArgs) -> ExitCode {
     init_tracing(args.log_format == "json");
-    if args.redis_url.is_some() {
-        eprintln!("error: --redis-url is not supported by this build yet (shared counters across replicas are planned); run without it to use the embedded store");
-        return ExitCode::from(2);
-    }
     let opts = Options {
         config_path: args.config,
         listen: args.listen,
@@ -194,6 +191,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         watch_config: args.watch_config.then(|| Duration::from_millis(200)),
         admin_token: env_secret("BUDGET_PROXY_ADMIN_TOKEN"),
         gemini_api_key: env_secret("GEMINI_API_KEY"),
+        redis_url: args.redis_url.filter(|u| !u.is_empty()),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

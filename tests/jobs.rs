@@ -88,6 +88,7 @@ async fn a_deferred_job_runs_when_budget_returns_and_its_response_is_kept() {
         .await
         .unwrap();
     assert_eq!(q["agents"]["spark"]["jobs"]["pending"], 1);
+    assert_eq!(h.status("spark").await["deferred_jobs"], 1);
 
     reset(&h, "spark").await;
     let r = until_done(&h, &location).await;

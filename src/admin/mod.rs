@@ -57,6 +57,8 @@ pub struct AdminState {
     pub alerts: Option<Arc<dyn AlertSource>>,
     /// Deferred jobs (counts for `/api/budget/queue`).
     pub jobs: Option<Arc<crate::store::LocalStore>>,
+    /// Replica sync over Redis (updates are published to the other replicas; readiness).
+    pub redis: Option<crate::store::redis_sync::RedisSync>,
     registry: Registry,
     auth_failures: DashMap<Option<IpAddr>, (i64, u32)>,
 }
@@ -94,12 +96,17 @@ pub struct AdminDeps {
     pub alerts: Option<Arc<dyn AlertSource>>,
     /// Deferred jobs.
     pub jobs: Option<Arc<crate::store::LocalStore>>,
+    /// Replica sync over Redis.
+    pub redis: Option<crate::store::redis_sync::RedisSync>,
 }
 
 impl AdminState {
     /// Assemble the admin state and its metrics registry.
     pub fn new(d: AdminDeps) -> Arc<Self> {
         let mut registry = Registry::default();
+        if let Some(r) = &d.redis {
+            registry.register_collector(r.collector());
+        }
         registry.register_collector(Box::new(Scrape {
             live: d.live.clone(),
             ledger: d.ledger.clone(),
@@ -128,6 +135,7 @@ impl AdminState {
             queues: d.queues,
             alerts: d.alerts,
             jobs: d.jobs,
+            redis: d.redis,
             registry,
             auth_failures: DashMap::new(),
         })
@@ -279,6 +287,20 @@ fn one_status(state: &AdminState, agent: &str) -> Result<Value, AdminError> {
     })
 }
 
+/// Pending deferred jobs per agent (empty when the store cannot say).
+async fn pending_jobs(state: &AdminState) -> std::collections::HashMap<String, u64> {
+    let Some(j) = state.jobs.clone() else {
+        return Default::default();
+    };
+    match tokio::task::spawn_blocking(move || j.job_counts()).await {
+        Ok(Ok(rows)) => rows
+            .into_iter()
+            .map(|(a, c)| (a, c.pending + c.running))
+            .collect(),
+        _ => Default::default(),
+    }
+}
+
 /// Run one command.
 pub async fn apply(
     state: &Arc<AdminState>,
@@ -287,12 +309,20 @@ pub async fn apply(
     match cmd {
         AdminCommand::StatusAll => {
             let config = state.live.get();
-            Ok((
-                StatusCode::OK,
-                status::all(&config, &state.ledger, &state.queues, state.clock.now()),
-            ))
+            let mut v = status::all(&config, &state.ledger, &state.queues, state.clock.now());
+            let counts = pending_jobs(state).await;
+            if let Some(agents) = v.get_mut("agents").and_then(Value::as_object_mut) {
+                for (id, s) in agents.iter_mut() {
+                    s["deferred_jobs"] = json!(counts.get(id).copied().unwrap_or(0));
+                }
+            }
+            Ok((StatusCode::OK, v))
         }
-        AdminCommand::Status(agent) => Ok((StatusCode::OK, one_status(state, &agent)?)),
+        AdminCommand::Status(agent) => {
+            let mut v = one_status(state, &agent)?;
+            v["deferred_jobs"] = json!(pending_jobs(state).await.get(&agent).copied().unwrap_or(0));
+            Ok((StatusCode::OK, v))
+        }
         AdminCommand::Update(agent, patch) => {
             if !valid_agent_id(&agent) {
                 return Err(AdminError::BadRequest(format!(
@@ -301,6 +331,7 @@ pub async fn apply(
             }
             let live = state.live.clone();
             let a = agent.clone();
+            let published = state.redis.as_ref().map(|_| patch.clone());
             let created = tokio::task::spawn_blocking(move || live.update_agent(&a, &patch))
                 .await
                 .map_err(|e| AdminError::Unavailable(format!("update task failed: {e}")))?
@@ -310,6 +341,10 @@ pub async fn apply(
                         AdminError::BadRequest(e.to_string())
                     }
                 })?;
+            // Every replica applies the same patch (resets reach them through the sync layer).
+            if let (Some(redis), Some(patch)) = (&state.redis, published) {
+                redis.publish_update(&agent, &patch).await;
+            }
             let code = if created {
                 StatusCode::CREATED
             } else {
@@ -568,9 +603,24 @@ pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<
             let store = state.store.clone();
             let ready = tokio::task::spawn_blocking(move || store.ping()).await;
             return match ready {
-                Ok(Ok(())) => {
-                    json_response(StatusCode::OK, &json!({"status": "ready", "store": "ok"}))
-                }
+                Ok(Ok(())) => match &state.redis {
+                    None => {
+                        json_response(StatusCode::OK, &json!({"status": "ready", "store": "ok"}))
+                    }
+                    // Not ready while Redis is down in closed mode (budgeted traffic gets 503).
+                    Some(r) => {
+                        let (ready, redis) = r.readiness();
+                        let (code, status) = if ready {
+                            (StatusCode::OK, "ready")
+                        } else {
+                            (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                        };
+                        json_response(
+                            code,
+                            &json!({"status": status, "store": "ok", "redis": redis}),
+                        )
+                    }
+                },
                 Ok(Err(e)) => json_response(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &json!({"status": "not ready", "store": e.to_string()}),

@@ -284,7 +284,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Keep `alerts` newest (highest id) first and at most [`ALERTS_KEPT`] long.
 fn insert_newest_first(alerts: &mut VecDeque<Arc<Alert>>, alert: Arc<Alert>) {
-    let at = alerts.iter().position(|a| a.id < alert.id).unwrap_or(alerts.len());
+    let at = alerts
+        .iter()
+        .position(|a| a.id < alert.id)
+        .unwrap_or(alerts.len());
     alerts.insert(at, alert);
     alerts.truncate(ALERTS_KEPT);
 }

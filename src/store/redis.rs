@@ -355,7 +355,9 @@ pub fn parse_reply(v: &Value) -> Option<SyncReply> {
     let [applied, flat, lease, ttl, others, holders] = items.as_slice() else {
         return None;
     };
-    let Value::Array(flat) = flat else { return None };
+    let Value::Array(flat) = flat else {
+        return None;
+    };
     let pairs: Vec<(String, String)> = flat
         .chunks(2)
         .filter_map(|c| Some((text(c.first()?)?, text(c.get(1)?)?)))
@@ -377,7 +379,10 @@ mod tests {
 
     #[test]
     fn keys_share_the_agent_hash_tag() {
-        assert_eq!(counters_key("sage", 1_700_000_000), "budget:{sage}:1700000000");
+        assert_eq!(
+            counters_key("sage", 1_700_000_000),
+            "budget:{sage}:1700000000"
+        );
         assert_eq!(applied_key("sage"), "budget:{sage}:applied");
         assert_eq!(alert_key("sage", 5, 90), "budget:{sage}:alert:5:90");
         assert!(counters_key("a.b-c", 1).starts_with(&agent_prefix("a.b-c")));

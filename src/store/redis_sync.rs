@@ -517,7 +517,8 @@ impl RedisSync {
     /// Tell the other replicas about an admin update of `agent` (they apply the same patch
     /// to their budgets.json).
     pub async fn publish_update(&self, agent: &str, patch: &Value) {
-        let msg = json!({"origin": self.inner.replica, "kind": "update", "agent": agent, "patch": patch});
+        let msg =
+            json!({"origin": self.inner.replica, "kind": "update", "agent": agent, "patch": patch});
         if let Err(e) = self.inner.publish(&msg).await {
             tracing::error!(target: "redis", agent, error = %e,
                 "could not publish the budget update to the other replicas; apply it there too (their budgets.json)");
@@ -653,7 +654,8 @@ impl Inner {
                 let me = self.clone();
                 tokio::spawn(async move {
                     let a = agent.clone();
-                    let r = tokio::task::spawn_blocking(move || live.update_agent(&a, &patch)).await;
+                    let r =
+                        tokio::task::spawn_blocking(move || live.update_agent(&a, &patch)).await;
                     match r {
                         Ok(Ok(_)) => {
                             me.exhausted.remove(&agent);
@@ -662,12 +664,16 @@ impl Inner {
                         }
                         Ok(Err(e)) => tracing::error!(target: "redis", agent = %agent, error = %e,
                             "a budget update from another replica does not apply to this replica's budgets.json"),
-                        Err(e) => tracing::error!(target: "redis", error = %e, "update task failed"),
+                        Err(e) => {
+                            tracing::error!(target: "redis", error = %e, "update task failed")
+                        }
                     }
                 });
             }
             Some("alert") => {
-                let Some(center) = self.alerts.upgrade() else { return };
+                let Some(center) = self.alerts.upgrade() else {
+                    return;
+                };
                 if let Ok(row) = serde_json::from_value::<AlertWire>(v["alert"].clone()) {
                     center.record_remote(&row.into_row());
                 }
@@ -726,9 +732,13 @@ struct Claims(Weak<Inner>);
 
 impl AlertClaims for Claims {
     fn claim(&self, alert: Alert, period_end: Option<i64>) {
-        let Some(inner) = self.0.upgrade() else { return };
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
         tokio::spawn(async move {
-            let Some(center) = inner.alerts.upgrade() else { return };
+            let Some(center) = inner.alerts.upgrade() else {
+                return;
+            };
             let start = alert.period_start.timestamp();
             let key = alert_key(&alert.agent_id, start, alert.threshold_percent);
             let claimed = async {
@@ -1021,7 +1031,10 @@ impl Task {
     }
 
     fn fail(&mut self, e: String) {
-        self.inner.stats.round_errors.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .stats
+            .round_errors
+            .fetch_add(1, Ordering::Relaxed);
         self.conn = None;
         self.inner.set_down(e);
     }
@@ -1057,12 +1070,25 @@ impl Task {
         let mut pulls: HashSet<String> = std::mem::take(&mut *lock(&inner.pulls));
         for a in urgent.keys() {
             pulls.remove(a);
-            self.agents.entry(a.clone()).or_insert_with(AgentSync::new).active_at = now_i;
+            self.agents
+                .entry(a.clone())
+                .or_insert_with(AgentSync::new)
+                .active_at = now_i;
         }
         let mut parts: Vec<Part> = Vec::new();
         let mut names: Vec<String> = self.agents.keys().cloned().collect();
-        names.extend(urgent.keys().filter(|a| !self.agents.contains_key(*a)).cloned());
-        names.extend(pulls.iter().filter(|a| !self.agents.contains_key(*a)).cloned());
+        names.extend(
+            urgent
+                .keys()
+                .filter(|a| !self.agents.contains_key(*a))
+                .cloned(),
+        );
+        names.extend(
+            pulls
+                .iter()
+                .filter(|a| !self.agents.contains_key(*a))
+                .cloned(),
+        );
         names.sort();
         names.dedup();
         for agent in names {
@@ -1075,12 +1101,17 @@ impl Task {
             }
             let budget = config.budget_for(&agent);
             let entry = inner.ledger.get(&agent);
-            let status = entry.as_ref().map(|e| inner.ledger.lease_status(e, budget, now));
+            let status = entry
+                .as_ref()
+                .map(|e| inner.ledger.lease_status(e, budget, now));
             let period_start = status
                 .map(|s| s.window.start.timestamp())
                 .unwrap_or_else(|| window(&budget.period, now).start.timestamp());
             let waiters = urgent.remove(&agent);
-            let a = self.agents.entry(agent.clone()).or_insert_with(AgentSync::new);
+            let a = self
+                .agents
+                .entry(agent.clone())
+                .or_insert_with(AgentSync::new);
             let held = status.map_or(0, |s| s.used);
             let next = status.map_or(0, |s| s.last_estimate).max(1);
             let lease_left = a.lease_until.map(|t| t.saturating_duration_since(now_i));
@@ -1199,10 +1230,12 @@ impl Task {
         // Decode everything before changing any state.
         let mut last_reply: HashMap<usize, SyncReply> = HashMap::new();
         for (k, (i, batch, last)) in calls.iter().enumerate() {
-            let reply = replies
-                .get(k)
-                .and_then(parse_reply)
-                .ok_or_else(|| format!("unexpected reply from the sync script: {:?}", replies.get(k)))?;
+            let reply = replies.get(k).and_then(parse_reply).ok_or_else(|| {
+                format!(
+                    "unexpected reply from the sync script: {:?}",
+                    replies.get(k)
+                )
+            })?;
             if reply.applied {
                 inner.stats.batches_applied.fetch_add(1, Ordering::Relaxed);
             } else if *batch {
@@ -1217,8 +1250,13 @@ impl Task {
         }
         let now = inner.clock.now();
         for (i, p) in parts.into_iter().enumerate() {
-            let Some(reply) = last_reply.remove(&i) else { continue };
-            let a = self.agents.entry(p.agent.clone()).or_insert_with(AgentSync::new);
+            let Some(reply) = last_reply.remove(&i) else {
+                continue;
+            };
+            let a = self
+                .agents
+                .entry(p.agent.clone())
+                .or_insert_with(AgentSync::new);
             let mut acked: Option<PeriodCounts> = None;
             for _ in 0..p.batches.len() {
                 if let Some(b) = a.batches.pop_front() {
@@ -1226,7 +1264,9 @@ impl Task {
                 }
             }
             a.lease_until = (reply.lease > 0).then(|| {
-                sent_at + Duration::from_millis(reply.lease_ttl_ms).saturating_sub(Duration::from_millis(100))
+                sent_at
+                    + Duration::from_millis(reply.lease_ttl_ms)
+                        .saturating_sub(Duration::from_millis(100))
             });
             let budget = config.budget_for(&p.agent);
             let create = config.agents.contains_key(&p.agent) || !p.waiters.is_empty();
@@ -1331,7 +1371,11 @@ impl Collector for SyncCollector {
             &mut encoder,
             "budget_proxy_redis_up",
             "1 while Redis (shared counters) answers, 0 while it is unreachable",
-            if self.0.up.load(Ordering::Relaxed) { 1.0 } else { 0.0 },
+            if self.0.up.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            },
         )?;
         gauge(
             &mut encoder,
@@ -1340,15 +1384,51 @@ impl Collector for SyncCollector {
             s.buffered_ops.load(Ordering::Relaxed) as f64,
         )?;
         let counters: [(&str, &str, &AtomicU64); 9] = [
-            ("budget_proxy_redis_rounds", "Sync rounds sent to Redis", &s.rounds),
-            ("budget_proxy_redis_round_errors", "Sync rounds that failed (Redis unreachable or erroring)", &s.round_errors),
-            ("budget_proxy_redis_connects", "Connections made to Redis (the first and every reconnect)", &s.connects),
-            ("budget_proxy_redis_lease_waits", "Requests that waited for a lease round", &s.lease_waits),
-            ("budget_proxy_redis_lease_wait_failures", "Requests whose lease round did not happen in time", &s.lease_wait_failures),
-            ("budget_proxy_redis_closed_refusals", "Budgeted requests answered 503 because Redis was down in closed mode", &s.closed_refusals),
-            ("budget_proxy_redis_batches_applied", "Batches of changes Redis applied", &s.batches_applied),
-            ("budget_proxy_redis_batches_deduplicated", "Batches resent after a lost reply and recognised as applied", &s.batches_deduplicated),
-            ("budget_proxy_redis_events_received", "Pub/sub events received from other replicas", &s.events_received),
+            (
+                "budget_proxy_redis_rounds",
+                "Sync rounds sent to Redis",
+                &s.rounds,
+            ),
+            (
+                "budget_proxy_redis_round_errors",
+                "Sync rounds that failed (Redis unreachable or erroring)",
+                &s.round_errors,
+            ),
+            (
+                "budget_proxy_redis_connects",
+                "Connections made to Redis (the first and every reconnect)",
+                &s.connects,
+            ),
+            (
+                "budget_proxy_redis_lease_waits",
+                "Requests that waited for a lease round",
+                &s.lease_waits,
+            ),
+            (
+                "budget_proxy_redis_lease_wait_failures",
+                "Requests whose lease round did not happen in time",
+                &s.lease_wait_failures,
+            ),
+            (
+                "budget_proxy_redis_closed_refusals",
+                "Budgeted requests answered 503 because Redis was down in closed mode",
+                &s.closed_refusals,
+            ),
+            (
+                "budget_proxy_redis_batches_applied",
+                "Batches of changes Redis applied",
+                &s.batches_applied,
+            ),
+            (
+                "budget_proxy_redis_batches_deduplicated",
+                "Batches resent after a lost reply and recognised as applied",
+                &s.batches_deduplicated,
+            ),
+            (
+                "budget_proxy_redis_events_received",
+                "Pub/sub events received from other replicas",
+                &s.events_received,
+            ),
         ];
         for (name, help, v) in counters {
             let e = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;

@@ -56,6 +56,7 @@ pub fn options(state_dir: &Path, config_path: PathBuf, upstream: &str) -> Option
         watch_config: None,
         admin_token: Some(ADMIN_TOKEN.to_string()),
         gemini_api_key: Some(REAL_KEY.to_string()),
+        redis_url: None,
     }
 }
 
