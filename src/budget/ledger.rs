@@ -616,6 +616,9 @@ pub struct Ledger {
     /// Replica sync: admission also needs a lease (off while the shared store is down in
     /// `open` failure mode: each replica then enforces its own view).
     leased: AtomicBool,
+    /// Replica sync: agents refused only for want of a lease (e.g. deferred jobs, which do
+    /// not pass the gate): the sync layer gets them one.
+    lease_wanted: Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 impl Ledger {
@@ -629,6 +632,7 @@ impl Ledger {
                 remote: None,
             },
             leased: AtomicBool::new(false),
+            lease_wanted: Mutex::default(),
         }
     }
 
@@ -644,7 +648,14 @@ impl Ledger {
                 remote: Some(remote),
             },
             leased: AtomicBool::new(true),
+            lease_wanted: Mutex::default(),
         }
+    }
+
+    /// Replica sync: the agents refused for want of a lease since the last call.
+    pub fn take_lease_wanted(&self) -> Vec<Arc<str>> {
+        let mut w = self.lease_wanted.lock().unwrap_or_else(|e| e.into_inner());
+        w.drain().collect()
     }
 
     /// Whether admission needs a lease (replica sync with the shared store reachable).
@@ -754,8 +765,15 @@ impl Ledger {
             let mut st = agent.lock();
             let rekey = st.align(&budget.period, now);
             st.last_estimate = estimate_tokens;
-            let over = st.committed.saturating_add(st.reserved) >= budget.max_tokens
-                || (leased && st.held() >= st.lease_tokens());
+            let over_view = st.committed.saturating_add(st.reserved) >= budget.max_tokens;
+            let over_lease = leased && st.held() >= st.lease_tokens();
+            if over_lease && !over_view {
+                self.lease_wanted
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(agent.id.clone());
+            }
+            let over = over_view || over_lease;
             let retry_after_secs = secs_until(st.window.end, now);
             let decision = if !over {
                 Decision::Allow
@@ -1064,5 +1082,96 @@ impl Ledger {
     /// Ids of every agent the ledger knows.
     pub fn agent_ids(&self) -> Vec<String> {
         self.agents.iter().map(|e| e.key().to_string()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn budget(max: u64) -> AgentBudget {
+        let c = Config::parse(
+            r#"{"default": {"max_tokens": 1000, "period": "monthly", "action_on_limit": "block"}, "agents": {}}"#,
+            "t",
+        )
+        .unwrap();
+        AgentBudget {
+            max_tokens: max,
+            ..c.default
+        }
+    }
+
+    fn charge(tokens: u64) -> Charge {
+        Charge {
+            model: "m".into(),
+            prompt_tokens: tokens,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            total_tokens: tokens,
+            cost_pico: 0,
+        }
+    }
+
+    #[test]
+    fn a_replica_admits_within_its_lease_and_counts_shared_totals_plus_pending() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let ledger = Ledger::with_remote(None, tx);
+        let b = budget(1000);
+        let now = Utc::now();
+        let e = ledger.entry("a", &b.period, now, None).unwrap();
+        // No lease yet: refused, and the agent is asked for.
+        let a = ledger.admit(&e, &b, now, 40);
+        assert!(matches!(a.decision, Decision::Block { .. }));
+        assert_eq!(ledger.take_lease_wanted(), vec![Arc::from("a")]);
+        let start = ledger.lease_status(&e, &b, now).window.start.timestamp();
+        // The shared store: 500 used by others, a lease of 50 for us.
+        let totals = PeriodCounts {
+            total_tokens: 500,
+            ..Default::default()
+        };
+        let update = RemoteUpdate {
+            period_start: start,
+            totals: totals.clone(),
+            acked: None,
+            lease: Some(50),
+        };
+        ledger.apply_remote("a", &b.period, now, update, false);
+        let r1 = ledger.admit(&e, &b, now, 40).reservation.unwrap();
+        let r2 = ledger.admit(&e, &b, now, 40).reservation.unwrap();
+        // 80 held ≥ 50 leased: the third waits for a lease.
+        assert!(ledger.admit(&e, &b, now, 40).reservation.is_none());
+        r1.settle(charge(30), now);
+        drop(r2);
+        let st = ledger.lease_status(&e, &b, now);
+        assert_eq!((st.used, st.committed, st.in_flight), (30, 530, 0));
+        // The write-back is confirmed: shared 530, nothing pending.
+        let mut acked = PeriodCounts::default();
+        while let Ok(StoreOp::Add(d)) = rx.try_recv() {
+            acked.add_delta(&d);
+        }
+        assert_eq!(acked.total_tokens, 30);
+        let update = RemoteUpdate {
+            period_start: start,
+            totals: PeriodCounts {
+                total_tokens: 530,
+                ..totals
+            },
+            acked: Some(acked),
+            lease: Some(20),
+        };
+        let s = ledger
+            .apply_remote("a", &b.period, now, update, false)
+            .unwrap();
+        assert_eq!((s.before_tokens, s.after_tokens), (530, 530));
+        let st = ledger.lease_status(&e, &b, now);
+        assert_eq!((st.used, st.lease, st.committed), (0, 20, 530));
+        // Without leases (Redis down, open mode) the local view decides alone.
+        ledger.set_leased(false);
+        assert!(ledger.admit(&e, &b, now, 400).reservation.is_some());
+        // A reset elsewhere zeroes the view of that period only.
+        assert!(!ledger.reset_view("a", start + 1));
+        assert!(ledger.reset_view("a", start));
+        assert_eq!(ledger.lease_status(&e, &b, now).committed, 0);
     }
 }

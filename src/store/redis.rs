@@ -57,8 +57,9 @@ pub fn alert_key(agent: &str, period_start: i64, threshold: u32) -> String {
 /// reservations and unconfirmed usage). It gets at least that much when the budget nobody
 /// else holds allows (`max − committed − others' leases`), and, far from the limit, up to a
 /// fair share `(max − committed) / (2 × holders)` so that it needs no round trip for a
-/// while; never more than the unheld budget, and never less than what it still holds of
-/// its current lease. Usage written back leaves the writer's lease (it is committed now).
+/// while; never more than the unheld budget, and never less than its current lease (it may
+/// have admitted requests against it while this call was on its way). `held = 0, want = 0`
+/// releases the lease. Usage written back leaves the writer's lease (it is committed now).
 pub const SYNC_SCRIPT: &str = r#"
 local prefix = ARGV[1]
 local keep = tonumber(ARGV[12])
@@ -169,8 +170,10 @@ if held >= 0 then
     local share = math.floor(remaining / (2 * (holders + 1)))
     if share > target then target = share end
     if target > remaining - others then target = remaining - others end
-    local floor = math.min(mine, held)
-    if target < floor then target = floor end
+    -- A renewal never takes back what this replica was granted: it may have admitted
+    -- requests against it since it sent `held` (its lease shrinks through write-back,
+    -- expiry, or a release, for which it stops admitting first).
+    if target < mine then target = mine end
     if target > 0 then grant = target end
   end
   if grant > 0 then

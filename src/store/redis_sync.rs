@@ -279,6 +279,8 @@ struct Inner {
     exhausted: DashMap<String, Instant>,
     wake: Notify,
     stopping: AtomicBool,
+    /// Turns true at shutdown (ends the pub/sub task).
+    stopped: tokio::sync::watch::Sender<bool>,
     stats: Stats,
     last_error: Mutex<Option<String>>,
 }
@@ -379,6 +381,7 @@ impl RedisSync {
             exhausted: DashMap::new(),
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
+            stopped: tokio::sync::watch::channel(false).0,
             stats: Stats::default(),
             last_error: Mutex::new(None),
         });
@@ -558,6 +561,7 @@ impl RedisSync {
                 tracing::warn!(target: "redis", "write-back to Redis did not finish within the shutdown deadline");
             }
         }
+        let _ = self.inner.stopped.send(true);
     }
 }
 
@@ -609,8 +613,9 @@ impl Inner {
         }
     }
 
-    fn release_waiters(&self, agent: &str) {
-        if self.queues.has_waiters(agent) {
+    /// Parked requests (and, when `jobs`, deferred jobs) of `agent` may go now.
+    fn release_waiters(&self, agent: &str, jobs: bool) {
+        if jobs || self.queues.has_waiters(agent) {
             let config = self.live.get();
             self.queues
                 .release_agent(&self.ledger, &config, agent, self.clock.now());
@@ -1057,8 +1062,11 @@ impl Task {
         let ttl = inner.settings.lease_ttl;
         let mut urgent: HashMap<String, Vec<oneshot::Sender<bool>>> =
             std::mem::take(&mut *lock(&inner.urgent));
-        // Parked requests need a lease to be released.
-        for agent in inner.queues.agents_waiting() {
+        // Admissions that missed only a lease (deferred jobs, releases) and parked
+        // requests need one.
+        let wanted = inner.ledger.take_lease_wanted();
+        let wanted_set: HashSet<String> = wanted.iter().map(|a| a.to_string()).collect();
+        for agent in inner.queues.agents_waiting().into_iter().chain(wanted) {
             if inner
                 .exhausted
                 .get(&*agent)
@@ -1120,13 +1128,17 @@ impl Task {
                 a.lease_until = None;
             }
             let active = a.active_at.elapsed() < ttl;
-            let lease = if waiters.is_some() {
-                Some((held, next))
+            let lease = if let Some(w) = &waiters {
+                // Enough for every request waiting on this round.
+                Some((held, next.saturating_mul(w.len().max(1) as u64)))
             } else if lease_left.is_some_and(|l| l < ttl / 2) {
                 if held > 0 || active {
                     Some((held, next))
                 } else {
-                    Some((0, 0)) // idle: give the budget back to the others
+                    // Idle: give the budget back to the others. No admission against the
+                    // lease meanwhile (a request now waits for the next round instead).
+                    inner.ledger.drop_lease(&agent);
+                    Some((0, 0))
                 }
             } else {
                 None
@@ -1299,7 +1311,7 @@ impl Task {
                         .insert(p.agent.clone(), Instant::now() + inner.settings.interval);
                 }
             }
-            inner.release_waiters(&p.agent);
+            inner.release_waiters(&p.agent, wanted_set.contains(&p.agent));
             for w in p.waiters {
                 let _ = w.send(true);
             }
@@ -1311,11 +1323,16 @@ impl Task {
 
 /// Receive other replicas' events; reconnect with backoff.
 async fn pubsub_loop(inner: Arc<Inner>) {
+    let mut stopped = inner.stopped.subscribe();
+    tokio::select! {
+        _ = pubsub_run(inner.clone()) => {}
+        _ = stopped.wait_for(|s| *s) => {}
+    }
+}
+
+async fn pubsub_run(inner: Arc<Inner>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        if inner.stopping.load(Ordering::Acquire) {
-            return;
-        }
         let sub = async {
             let mut ps = inner.client.get_async_pubsub().await?;
             ps.subscribe(EVENTS_CHANNEL).await?;
