@@ -203,7 +203,6 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
             job_ttl: opts.job_ttl,
         },
         jobs: local_store.clone(),
-        pending_jobs: std::sync::atomic::AtomicU64::new(0),
     });
     let admin_state = AdminState::new(AdminDeps {
         live: live.clone(),

@@ -42,6 +42,9 @@ pub struct Queues {
     agents: DashMap<Arc<str>, Arc<Mutex<AgentQueue>>>,
     /// Wakes the deferred-job runner when budget may have returned.
     jobs: tokio::sync::Notify,
+    /// Deferred jobs waiting for budget: wake-ups are skipped while there are none, so a
+    /// settle costs the job runner nothing in the common case.
+    jobs_pending: AtomicU64,
     next_id: AtomicU64,
     shutdown: watch::Sender<bool>,
 }
@@ -59,6 +62,7 @@ impl Default for Queues {
         Self {
             agents: DashMap::new(),
             jobs: tokio::sync::Notify::new(),
+            jobs_pending: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             shutdown: watch::channel(false).0,
         }
@@ -216,7 +220,31 @@ impl Queues {
 
     /// Tell the deferred-job runner that budget may have returned.
     pub fn wake_jobs(&self) {
-        self.jobs.notify_one();
+        if self.jobs_pending.load(Ordering::Relaxed) > 0 {
+            self.jobs.notify_one();
+        }
+    }
+
+    /// Deferred jobs waiting for budget.
+    pub fn jobs_pending(&self) -> u64 {
+        self.jobs_pending.load(Ordering::Relaxed)
+    }
+
+    /// Set the number of deferred jobs waiting (at start-up, from the store).
+    pub fn set_jobs_pending(&self, n: u64) {
+        self.jobs_pending.store(n, Ordering::Relaxed);
+    }
+
+    /// A deferred job was stored.
+    pub fn job_added(&self) {
+        self.jobs_pending.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A deferred job left the pending state for good (done or cancelled).
+    pub fn job_settled(&self) {
+        let _ = self
+            .jobs_pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// Resolves when [`Queues::wake_jobs`] was called.

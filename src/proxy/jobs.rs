@@ -107,9 +107,7 @@ pub(crate) async fn defer(
     let store = shared.jobs.clone();
     let j = job.clone();
     blocking(move || store.insert_job(&j)).await?;
-    shared
-        .pending_jobs
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared.queues.job_added();
     // Wake the runner at the reset; admin resets and raises wake it too.
     if let Some(end) = resets_at {
         let s = shared.clone();
@@ -155,9 +153,7 @@ pub(crate) async fn answer(
             let expires =
                 shared.clock.now().timestamp() + i64::try_from(ttl.as_secs()).unwrap_or(86400);
             if blocking(move || store.cancel_job(&key, expires)).await? {
-                shared
-                    .pending_jobs
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                shared.queues.job_settled();
                 Ok(json_response(
                     StatusCode::OK,
                     &serde_json::json!({"name": format!("budget-jobs/{id}"), "state": "cancelled"}),
@@ -228,35 +224,37 @@ pub async fn run(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<boo
             tracing::warn!(target: "proxy", jobs = n, "deferred jobs that were running at the last stop run again (at-least-once)");
         }
     }
-    if let Ok(pending) = blocking({
+    if let Ok(counts) = blocking({
         let s = shared.jobs.clone();
-        move || s.pending_jobs(usize::MAX >> 1)
+        move || s.job_counts()
     })
     .await
     {
         shared
-            .pending_jobs
-            .store(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            .queues
+            .set_jobs_pending(counts.iter().map(|(_, c)| c.pending + c.running).sum());
     }
+    // Finished jobs are pruned on a slow tick, never per wake-up.
+    let mut prune = tokio::time::interval(Duration::from_secs(60));
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         run_pending(&shared).await;
-        tokio::select! {
-            _ = shared.queues.jobs_woken() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        let prune_now = tokio::select! {
+            _ = shared.queues.jobs_woken() => false,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+            _ = prune.tick() => true,
             _ = stop.wait_for(|s| *s) => return,
+        };
+        if prune_now {
+            let now = shared.clock.now().timestamp();
+            let s = shared.jobs.clone();
+            let _ = blocking(move || s.prune_jobs(now)).await;
         }
     }
 }
 
 async fn run_pending(shared: &Arc<Shared>) {
-    let now = shared.clock.now().timestamp();
-    let s = shared.jobs.clone();
-    let _ = blocking(move || s.prune_jobs(now)).await;
-    if shared
-        .pending_jobs
-        .load(std::sync::atomic::Ordering::Relaxed)
-        == 0
-    {
+    if shared.queues.jobs_pending() == 0 {
         return;
     }
     let s = shared.jobs.clone();
@@ -369,9 +367,7 @@ async fn run_one(shared: &Arc<Shared>, job: Job) -> bool {
     let id = job.id.clone();
     match blocking(move || s.finish_job(&id, status.as_u16(), &rheaders, &body, expires)).await {
         Ok(()) => {
-            shared
-                .pending_jobs
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            shared.queues.job_settled();
             tracing::info!(target: "proxy", agent = %job.agent, job = %job.id, status = status.as_u16(), "deferred job done");
         }
         Err(e) => {

@@ -67,8 +67,6 @@ pub struct Shared {
     pub drains: tokio_util::task::TaskTracker,
     /// Deferred jobs (the embedded store).
     pub jobs: Arc<crate::store::LocalStore>,
-    /// Jobs waiting for budget (lets the runner skip the store when there are none).
-    pub pending_jobs: std::sync::atomic::AtomicU64,
     /// Tunables.
     pub settings: ProxySettings,
 }

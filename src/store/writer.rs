@@ -17,6 +17,8 @@ enum Msg {
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::UnboundedSender<Msg>,
+    /// Wakes the batching task for a flush (ops alone wait for the tick).
+    flush_now: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -32,8 +34,9 @@ impl Writer {
         flush_interval: Duration,
     ) -> (Writer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let handle = tokio::spawn(run(store, rx, flush_interval));
-        (Writer { tx }, handle)
+        let flush_now = Arc::new(tokio::sync::Notify::new());
+        let handle = tokio::spawn(run(store, rx, flush_now.clone(), flush_interval));
+        (Writer { tx, flush_now }, handle)
     }
 
     /// Queue an operation (never blocks). Lost only if the task is gone, which is logged.
@@ -47,31 +50,40 @@ impl Writer {
     pub async fn flush(&self) {
         let (done, wait) = oneshot::channel();
         if self.tx.send(Msg::Flush(done)).is_ok() {
+            self.flush_now.notify_one();
             let _ = wait.await;
         }
     }
 }
 
-async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Msg>, every: Duration) {
+async fn run(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    flush_now: Arc<tokio::sync::Notify>,
+    every: Duration,
+) {
     let mut pending: Vec<StoreOp> = Vec::new();
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut waiters = Vec::new();
         let mut ticked = false;
-        let closed = tokio::select! {
-            msg = rx.recv() => match msg {
-                Some(Msg::Op(op)) => { pending.push(op); false }
-                Some(Msg::Flush(done)) => { waiters.push(done); false }
-                None => true,
-            },
-            _ = ticker.tick() => { ticked = true; false }
-        };
-        // Take whatever else is already queued without waiting.
-        while let Ok(msg) = rx.try_recv() {
-            match msg {
-                Msg::Op(op) => pending.push(op),
-                Msg::Flush(done) => waiters.push(done),
+        // Wake on the tick or a flush request only, never per op: the hot path's sends
+        // cost no task wake-up; ops wait in the channel until the next batch.
+        tokio::select! {
+            _ = ticker.tick() => ticked = true,
+            _ = flush_now.notified() => {}
+        }
+        let mut closed = false;
+        loop {
+            match rx.try_recv() {
+                Ok(Msg::Op(op)) => pending.push(op),
+                Ok(Msg::Flush(done)) => waiters.push(done),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
             }
         }
         let due = closed || ticked || !waiters.is_empty();
