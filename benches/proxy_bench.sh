@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One command: the budget-proxy benchmark against nginx and direct access (see README.md).
 #
-#   benches/proxy_bench.sh            # 10 s per run (about 3 minutes in all)
+#   benches/proxy_bench.sh            # 10 s per run (about 5 minutes in all)
 #   benches/proxy_bench.sh --quick    # 3 s per run, for development
 #   benches/proxy_bench.sh --rounds 3 # every run three times, medians and spread
+#   benches/proxy_bench.sh --baseline-bin PATH  # another build in the same run (before/after)
 #
 # Builds the release binaries, installs nginx and wrk from Debian when missing, then runs
 # benches/proxy_bench.py. Loopback only; every run is bounded; everything it started is

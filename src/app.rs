@@ -254,6 +254,7 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
 
     let (stop, stop_rx) = watch::channel(false);
     let drain = opts.shutdown_timeout;
+    proxy::jobs::recover(&shared).context("reading deferred jobs from the embedded store")?;
     let jobs_task = tokio::spawn(proxy::jobs::run(shared.clone(), stop_rx.clone()));
     let redis_sync_gate = redis_sync.clone();
     let proxy_task = tokio::spawn(server::serve(

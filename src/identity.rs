@@ -8,7 +8,12 @@
 
 use crate::config::{hash_api_key, valid_agent_id, AgentBudget, Config, UnknownAgents};
 use crate::error::ProxyError;
+use http::header::HeaderName;
 use http::HeaderMap;
+
+// Constants: a `&str` name is parsed and validated on every lookup.
+const X_AGENT_ID: HeaderName = HeaderName::from_static("x-agent-id");
+const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
 
 /// How the agent was named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +62,7 @@ pub fn caller_key<'a>(
     headers: &'a HeaderMap,
     query: Option<&'a str>,
 ) -> Option<(String, KeyPlace)> {
-    if let Some(v) = headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers.get(X_GOOG_API_KEY).and_then(|v| v.to_str().ok()) {
         return Some((v.to_string(), KeyPlace::Header));
     }
     let q = query?;
@@ -73,7 +78,13 @@ pub fn identify(
     headers: &HeaderMap,
     config: &Config,
 ) -> Result<Identity, ProxyError> {
-    let key = caller_key(headers, query);
+    // Hashing the caller's key (SHA-256) is only worth it when some agent has virtual keys:
+    // with none configured, no key can match.
+    let key = if config.key_index.is_empty() {
+        None
+    } else {
+        caller_key(headers, query)
+    };
     let key_owner = key.as_ref().and_then(|(k, place)| {
         config
             .key_index
@@ -84,7 +95,7 @@ pub fn identify(
     let named = if let Some((id, len)) = path_prefix(path) {
         Some((id.to_string(), Via::PathPrefix, len))
     } else {
-        headers.get("x-agent-id").map(|v| {
+        headers.get(X_AGENT_ID).map(|v| {
             (
                 String::from_utf8_lossy(v.as_bytes()).into_owned(),
                 Via::Header,

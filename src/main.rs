@@ -142,6 +142,12 @@ struct ServeArgs {
     /// Reload budgets.json when the file changes (SIGHUP always reloads).
     #[arg(long, env = "BUDGET_PROXY_WATCH_CONFIG", default_value_t = true, action = clap::ArgAction::Set)]
     watch_config: bool,
+    /// Threads that run the proxy port's connections, each with its own single-threaded
+    /// runtime and upstream pool, nginx-style (0: run them on the main runtime). Pays off
+    /// once nothing wakes another thread per request (see benches/README.md); e.g. the
+    /// number of CPUs.
+    #[arg(long, env = "BUDGET_PROXY_IO_THREADS", default_value_t = 0)]
+    io_threads: usize,
     /// Log format: `text` or `json`.
     #[arg(long, env = "BUDGET_PROXY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -193,6 +199,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         gemini_api_key: env_secret("GEMINI_API_KEY"),
         redis_url: args.redis_url.filter(|u| !u.is_empty()),
     };
+    budget_proxy::server::set_io_threads(args.io_threads);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -3,11 +3,13 @@
 //! at scrape time (budget used ratio, reloads, queue depth) is read then, by a collector.
 
 use dashmap::DashMap;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::histogram::exponential_buckets;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use std::borrow::Borrow;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +28,13 @@ pub enum TokenKind {
 }
 
 impl TokenKind {
+    const ALL: [TokenKind; 4] = [
+        TokenKind::Prompt,
+        TokenKind::Completion,
+        TokenKind::Cached,
+        TokenKind::Total,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             TokenKind::Prompt => "prompt",
@@ -36,11 +45,225 @@ impl TokenKind {
     }
 }
 
+/// FxHash (the rustc hasher): the metric maps are keyed by short strings of a bounded set
+/// (configured agents, at most `max_dynamic_agents` others, and model names), bumped on
+/// every request; SipHash's cost buys nothing there.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FxBuild;
+
+/// The hasher of [`FxBuild`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+    #[inline]
+    fn write_u16(&mut self, n: u16) {
+        self.add(u64::from(n));
+    }
+    #[inline]
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+    #[inline]
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl BuildHasher for FxBuild {
+    type Hasher = FxHasher;
+    #[inline]
+    fn build_hasher(&self) -> FxHasher {
+        FxHasher::default()
+    }
+}
+
+/// Key of the request counters: agent, budget action, HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RequestKey(Arc<str>, &'static str, u16);
+
+/// Key of the token counters: agent, model (the four kinds share one entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TokenKey(Arc<str>, Arc<str>);
+
+/// A borrowed (agent, model) pair: looks a [`TokenKey`] up without allocating.
+trait AgentModel {
+    fn agent(&self) -> &str;
+    fn model(&self) -> &str;
+}
+
+impl AgentModel for TokenKey {
+    fn agent(&self) -> &str {
+        &self.0
+    }
+    fn model(&self) -> &str {
+        &self.1
+    }
+}
+
+impl AgentModel for (&str, &str) {
+    fn agent(&self) -> &str {
+        self.0
+    }
+    fn model(&self) -> &str {
+        self.1
+    }
+}
+
+impl<'a> Borrow<dyn AgentModel + 'a> for TokenKey {
+    fn borrow(&self) -> &(dyn AgentModel + 'a) {
+        self
+    }
+}
+
+impl Hash for dyn AgentModel + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.agent().hash(state);
+        self.model().hash(state);
+    }
+}
+
+impl PartialEq for dyn AgentModel + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.agent() == other.agent() && self.model() == other.model()
+    }
+}
+
+impl Eq for dyn AgentModel + '_ {}
+
+// Hash as the borrowed form does, as `Borrow` requires.
+impl Hash for TokenKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self as &dyn AgentModel).hash(state);
+    }
+}
+
+/// A latency histogram updated with atomics (no lock on the request path), encoded as a
+/// Prometheus histogram. Buckets as `prometheus_client`'s `exponential_buckets`, plus +Inf.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    inner: Arc<HistogramInner>,
+}
+
+#[derive(Debug)]
+struct HistogramInner {
+    /// Upper bounds in seconds (the last one is `f64::MAX`, shown as +Inf).
+    bounds: Vec<f64>,
+    /// Upper bounds in nanoseconds, for the lookup.
+    bounds_ns: Vec<u64>,
+    counts: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    /// `length` buckets from `start` seconds, each `factor` times the previous, and +Inf.
+    pub fn exponential(start: f64, factor: f64, length: u16) -> Self {
+        let mut bounds: Vec<f64> = exponential_buckets(start, factor, length).collect();
+        bounds.push(f64::MAX);
+        let bounds_ns = bounds
+            .iter()
+            .map(|b| {
+                if *b >= u64::MAX as f64 / 1e9 {
+                    u64::MAX
+                } else {
+                    (b * 1e9).round() as u64
+                }
+            })
+            .collect();
+        let counts = bounds.iter().map(|_| AtomicU64::new(0)).collect();
+        Self {
+            inner: Arc::new(HistogramInner {
+                bounds,
+                bounds_ns,
+                counts,
+                count: AtomicU64::new(0),
+                sum_ns: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Record one duration.
+    pub fn observe(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let h = &*self.inner;
+        let i = h
+            .bounds_ns
+            .iter()
+            .position(|b| ns <= *b)
+            .unwrap_or(h.bounds_ns.len() - 1);
+        h.counts[i].fetch_add(1, Ordering::Relaxed);
+        h.count.fetch_add(1, Ordering::Relaxed);
+        h.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let h = &*self.inner;
+        let buckets: Vec<(f64, u64)> = h
+            .bounds
+            .iter()
+            .zip(&h.counts)
+            .map(|(b, c)| (*b, c.load(Ordering::Relaxed)))
+            .collect();
+        // The count is the sum of the buckets read, so the encoding is self-consistent.
+        let count = buckets.iter().map(|(_, c)| c).sum();
+        let sum = h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 /// Counters bumped by the proxy.
 #[derive(Debug)]
 pub struct Metrics {
-    requests: DashMap<(Arc<str>, &'static str, u16), AtomicU64>,
-    tokens: DashMap<(Arc<str>, Arc<str>, TokenKind), AtomicU64>,
+    requests: DashMap<RequestKey, AtomicU64, FxBuild>,
+    /// Per (agent, model): prompt, completion, cached, total (in [`TokenKind::ALL`] order).
+    tokens: DashMap<TokenKey, [AtomicU64; 4], FxBuild>,
     /// Seconds from sending upstream to the upstream's response headers.
     pub upstream_latency: Histogram,
     /// Seconds the proxy itself spent on a request before and after the upstream call.
@@ -50,41 +273,64 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
-            requests: DashMap::new(),
-            tokens: DashMap::new(),
-            upstream_latency: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
-            proxy_overhead: Histogram::new(exponential_buckets(0.000_005, 2.0, 16)),
+            requests: DashMap::with_hasher(FxBuild),
+            tokens: DashMap::with_hasher(FxBuild),
+            upstream_latency: Histogram::exponential(0.001, 2.0, 18),
+            proxy_overhead: Histogram::exponential(0.000_005, 2.0, 16),
         }
     }
-}
-
-fn bump<K: std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>, key: K, by: u64) {
-    if let Some(c) = map.get(&key) {
-        c.fetch_add(by, Ordering::Relaxed);
-        return;
-    }
-    // `entry` so racing first increments are not lost.
-    map.entry(key)
-        .or_insert_with(|| AtomicU64::new(0))
-        .fetch_add(by, Ordering::Relaxed);
 }
 
 impl Metrics {
     /// One request answered.
     pub fn request(&self, agent: Arc<str>, action: &'static str, status: u16) {
-        bump(&self.requests, (agent, action, status), 1);
+        let key = RequestKey(agent, action, status);
+        if let Some(c) = self.requests.get(&key) {
+            c.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // `entry` so racing first increments are not lost.
+        self.requests
+            .entry(key)
+            .or_insert_with(|| AtomicU64::new(0))
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Tokens settled.
     pub fn tokens(&self, agent: &Arc<str>, model: &str, kind: TokenKind, n: u64) {
-        if n > 0 {
-            bump(&self.tokens, (agent.clone(), Arc::from(model), kind), n);
+        let mut all = [0; 4];
+        all[kind as usize] = n;
+        self.tokens_all(agent, model, all);
+    }
+
+    /// Tokens settled, every kind at once (in [`TokenKind::ALL`] order: prompt, completion,
+    /// cached, total). Kinds with 0 tokens are not bumped; nothing is allocated once the
+    /// (agent, model) pair has been seen.
+    pub fn tokens_all(&self, agent: &Arc<str>, model: &str, n: [u64; 4]) {
+        if n.iter().all(|v| *v == 0) {
+            return;
         }
+        let bump = |c: &[AtomicU64; 4]| {
+            for (c, v) in c.iter().zip(n) {
+                if v > 0 {
+                    c.fetch_add(v, Ordering::Relaxed);
+                }
+            }
+        };
+        let probe: &dyn AgentModel = &(&**agent, model);
+        if let Some(c) = self.tokens.get(probe) {
+            return bump(&c);
+        }
+        let e = self
+            .tokens
+            .entry(TokenKey(agent.clone(), Arc::from(model)))
+            .or_default();
+        bump(&e);
     }
 
     /// Record a duration in a histogram.
     pub fn observe(h: &Histogram, d: Duration) {
-        h.observe(d.as_secs_f64());
+        h.observe(d);
     }
 
     /// Encode the counters (called by the scrape collector).
@@ -96,7 +342,7 @@ impl Metrics {
             MetricType::Counter,
         )?;
         for r in self.requests.iter() {
-            let (agent, action, status) = r.key();
+            let RequestKey(agent, action, status) = r.key();
             let status = status.to_string();
             let labels = [
                 ("agent", &**agent),
@@ -113,14 +359,20 @@ impl Metrics {
             MetricType::Counter,
         )?;
         for r in self.tokens.iter() {
-            let (agent, model, kind) = r.key();
-            let labels = [
-                ("agent", &**agent),
-                ("model", &**model),
-                ("kind", kind.as_str()),
-            ];
-            ConstCounter::new(r.value().load(Ordering::Relaxed))
-                .encode(e.encode_family(&labels)?)?;
+            let TokenKey(agent, model) = r.key();
+            for kind in TokenKind::ALL {
+                let n = r.value()[kind as usize].load(Ordering::Relaxed);
+                // As before: a kind appears once it was bumped by a non-zero amount.
+                if n == 0 {
+                    continue;
+                }
+                let labels = [
+                    ("agent", &**agent),
+                    ("model", &**model),
+                    ("kind", kind.as_str()),
+                ];
+                ConstCounter::new(n).encode(e.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

@@ -9,6 +9,14 @@
 //! which keeps an idle keep-alive connection small; the handler's future is boxed per
 //! request, so an idle connection does not hold a slot the size of that future; and the
 //! peer address is only attached to requests of listeners that read it.
+//!
+//! I/O threads (`--io-threads`, set by `main` through [`set_io_threads`]): the proxy
+//! port's connections are handed, round robin, to threads that each run a single-threaded
+//! runtime, the way nginx runs workers: a connection, its requests, their upstream
+//! connections (a pool per thread, see `proxy::upstream`) and the tasks driving them all
+//! stay on one thread, so a request costs no cross-thread wake-ups or work stealing. The
+//! accept loop, the admin port and everything else stay on the main runtime. With 0 (the
+//! default of the library, used by tests) connections run on the runtime that serves.
 
 use crate::tls::{Secure, HANDSHAKE_TIMEOUT};
 use hyper::body::Incoming;
@@ -20,11 +28,63 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
+
+/// I/O threads of the proxy port (0: none, connections run on the serving runtime).
+static IO_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Run the proxy port's connections on `n` I/O threads (0: on the serving runtime). Call
+/// before [`serve`] starts the proxy port; the threads are started once per process.
+pub fn set_io_threads(n: usize) {
+    IO_THREADS.store(n, Ordering::Relaxed);
+}
+
+/// Work handed to an I/O thread: runs inside its runtime (it spawns the connection task).
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The I/O threads' queues (started on first use, kept for the life of the process: bodies
+/// whose client left are still drained there while the process shuts down).
+static IO_POOL: OnceLock<Vec<mpsc::UnboundedSender<Job>>> = OnceLock::new();
+
+fn io_pool(n: usize) -> &'static [mpsc::UnboundedSender<Job>] {
+    IO_POOL.get_or_init(|| (0..n).filter_map(start_io_thread).collect())
+}
+
+fn start_io_thread(i: usize) -> Option<mpsc::UnboundedSender<Job>> {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::warn!(target: "server", error = %e, "cannot start an I/O thread's runtime");
+            return None;
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+    let spawned = std::thread::Builder::new()
+        .name(format!("proxy-io-{i}"))
+        .spawn(move || {
+            crate::proxy::upstream::use_thread_pools();
+            rt.block_on(async move {
+                while let Some(job) = rx.recv().await {
+                    job();
+                }
+            });
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!(target: "server", error = %e, "cannot start an I/O thread");
+            None
+        }
+    }
+}
 
 /// The client's address, put into the extensions of every request of the listeners that
 /// use it (per-address auth limits on the admin port; the proxy port's handler never reads
@@ -101,8 +161,13 @@ where
     // The same settings as `builder`'s, for connections whose protocol is known.
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.max_concurrent_streams(1024);
-    let plain = Arc::new((http1::Builder::new(), h2, builder.clone()));
+    let plain = Arc::new((http1::Builder::new(), h2, builder));
     let tag_peer = tags_peer(name);
+    let io_threads = match IO_THREADS.load(Ordering::Relaxed) {
+        n if n > 0 && name == "proxy" => io_pool(n),
+        _ => &[],
+    };
+    let mut next_thread = 0usize;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -130,12 +195,13 @@ where
             let fut = Box::pin(h(req));
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let Some(acceptor) = &tls else {
-            // The watcher is taken now, so shutdown waits for this connection from here on.
-            let watcher = graceful.watcher();
-            let mut stop = stop.clone();
-            let builders = plain.clone();
-            tokio::spawn(async move {
+        // The watcher is taken now, so shutdown waits for this connection from here on.
+        let watcher = graceful.watcher();
+        let acceptor = tls.clone();
+        let mut stop = stop.clone();
+        let builders = plain.clone();
+        let run = move |stream: TcpStream| async move {
+            let Some(acceptor) = acceptor else {
                 let sniffed = tokio::select! {
                     s = sniff(&stream) => s,
                     _ = stop.wait_for(|s| *s) => return,
@@ -161,33 +227,56 @@ where
                 if let Err(e) = ended {
                     tracing::debug!(target: "server", listener = name, peer = %peer, error = %e, "connection ended with an error");
                 }
-            });
-            continue;
-        };
-        // The handshake runs in the connection's task, never in the accept loop; the
-        // watcher makes shutdown wait for it too (bounded by the handshake timeout).
-        let acceptor = acceptor.clone();
-        let watcher = graceful.watcher();
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(target: "server", listener = name, peer = %peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(target: "server", listener = name, peer = %peer, "TLS handshake timed out");
-                    return;
-                }
+                return;
             };
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(target: "server", listener = name, peer = %peer, error = %e, "connection ended with an error");
+            // TLS: the handshake runs in the connection's task, never in the accept loop;
+            // the watcher makes shutdown wait for it too (bounded by the handshake
+            // timeout). Boxed, so that plain connections' tasks stay small.
+            Box::pin(async move {
+                let stream =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(target: "server", listener = name, peer = %peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(target: "server", listener = name, peer = %peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let conn = builders.2.serve_connection(TokioIo::new(stream), svc);
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(target: "server", listener = name, peer = %peer, error = %e, "connection ended with an error");
+                }
+            })
+            .await;
+        };
+        if io_threads.is_empty() {
+            tokio::spawn(run(stream));
+            continue;
+        }
+        // Hand the socket to an I/O thread: it is registered with that thread's runtime.
+        let thread = &io_threads[next_thread % io_threads.len()];
+        next_thread = next_thread.wrapping_add(1);
+        match stream.into_std() {
+            Ok(std_stream) => {
+                let job: Job = Box::new(move || match TcpStream::from_std(std_stream) {
+                    Ok(stream) => {
+                        tokio::spawn(run(stream));
+                    }
+                    Err(e) => {
+                        tracing::debug!(target: "server", listener = name, peer = %peer, error = %e, "cannot register a connection on an I/O thread");
+                    }
+                });
+                if thread.send(job).is_err() {
+                    tracing::warn!(target: "server", listener = name, "an I/O thread is gone; connection dropped");
+                }
             }
-        });
+            Err(e) => {
+                tracing::debug!(target: "server", listener = name, peer = %peer, error = %e, "cannot hand a connection to an I/O thread");
+            }
+        }
     }
     drop(listener);
     tokio::select! {

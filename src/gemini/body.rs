@@ -5,16 +5,18 @@
 //! fallback model is used consistently. The REST API accepts both camelCase and snake_case
 //! field names, so both are read.
 
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
+use std::fmt;
 
 /// The few top-level request fields the hints need; everything else is skipped unparsed.
 #[derive(Deserialize)]
 struct Hints {
     #[serde(rename = "generationConfig", default)]
-    generation_config_camel: Option<Value>,
+    generation_config_camel: Option<OutputCap>,
     #[serde(rename = "generation_config", default)]
-    generation_config_snake: Option<Value>,
+    generation_config_snake: Option<OutputCap>,
     #[serde(rename = "cachedContent", default)]
     cached_content_camel: Option<Value>,
     #[serde(rename = "cached_content", default)]
@@ -25,20 +27,135 @@ fn hints(body: &[u8]) -> Option<Hints> {
     serde_json::from_slice(body).ok()
 }
 
+/// The output cap of a `generationConfig`: `maxOutputTokens`, else `max_output_tokens`, each
+/// the last occurrence when repeated (as a JSON object holds it); `None` when it is not an
+/// object or has neither as a count. Read on every request, so without building a `Value`:
+/// the other fields are skipped.
+struct OutputCap(Option<u64>);
+
+impl<'de> Deserialize<'de> for OutputCap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OutputCap;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OutputCap, A::Error> {
+                let (mut camel, mut snake) = (None, None);
+                while let Some(key) = map.next_key::<CapKey>()? {
+                    match key {
+                        CapKey::Camel => camel = map.next_value::<Count>()?.0,
+                        CapKey::Snake => snake = map.next_value::<Count>()?.0,
+                        CapKey::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(OutputCap(camel.or(snake)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<OutputCap, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| OutputCap(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<OutputCap, E> {
+                Ok(OutputCap(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<OutputCap, E> {
+                Ok(OutputCap(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<OutputCap, E> {
+                Ok(OutputCap(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<OutputCap, E> {
+                Ok(OutputCap(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<OutputCap, E> {
+                Ok(OutputCap(None))
+            }
+            fn visit_unit<E>(self) -> Result<OutputCap, E> {
+                Ok(OutputCap(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A key of a `generationConfig`, told apart without allocating.
+enum CapKey {
+    Camel,
+    Snake,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for CapKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = CapKey;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E>(self, k: &str) -> Result<CapKey, E> {
+                Ok(match k {
+                    "maxOutputTokens" => CapKey::Camel,
+                    "max_output_tokens" => CapKey::Snake,
+                    _ => CapKey::Other,
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A non-negative integer, or a string holding one (proto3 JSON allows it); `None` for any
+/// other value (negative, fractional, too large, not a number).
+struct Count(Option<u64>);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Count, E> {
+                Ok(Count(Some(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Count, E> {
+                Ok(Count(u64::try_from(v).ok()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Count, E> {
+                Ok(Count(s.trim().parse().ok()))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_unit<E>(self) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Count, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| Count(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Count, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| Count(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// `generationConfig.maxOutputTokens` of a request body, when it is JSON and has one.
 ///
 /// Also reads the snake_case spellings, and a count sent as a string (proto3 JSON allows it).
 pub fn max_output_tokens(body: &[u8]) -> Option<u64> {
     let h = hints(body)?;
-    [h.generation_config_camel, h.generation_config_snake]
-        .iter()
-        .flatten()
-        .find_map(|gc| {
-            let gc = gc.as_object()?;
-            ["maxOutputTokens", "max_output_tokens"]
-                .iter()
-                .find_map(|k| gc.get(*k).and_then(as_u64))
-        })
+    h.generation_config_camel
+        .and_then(|c| c.0)
+        .or_else(|| h.generation_config_snake.and_then(|c| c.0))
 }
 
 /// The top-level `cachedContent` name of a request body (`cachedContents/…`), if any.
@@ -53,15 +170,6 @@ pub fn cached_content(body: &[u8]) -> Option<String> {
             Value::String(s) if !s.is_empty() => Some(s),
             _ => None,
         })
-}
-
-/// A non-negative integer, or a string holding one.
-fn as_u64(v: &Value) -> Option<u64> {
-    match v {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
 }
 
 /// Rewrite model names carried inside a body for `method` to `new_model`
@@ -159,6 +267,76 @@ fn set_model(req: &mut Value, target: &str) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The reading of the output cap before it skipped building a `Value`: the reference.
+    fn max_output_tokens_via_value(body: &[u8]) -> Option<u64> {
+        #[derive(Deserialize)]
+        struct ValueHints {
+            #[serde(rename = "generationConfig", default)]
+            camel: Option<Value>,
+            #[serde(rename = "generation_config", default)]
+            snake: Option<Value>,
+            #[serde(rename = "cachedContent", default)]
+            _cc: Option<Value>,
+            #[serde(rename = "cached_content", default)]
+            _cs: Option<Value>,
+        }
+        let h: ValueHints = serde_json::from_slice(body).ok()?;
+        let as_u64 = |v: &Value| match v {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        };
+        [h.camel, h.snake].iter().flatten().find_map(|gc| {
+            let gc = gc.as_object()?;
+            ["maxOutputTokens", "max_output_tokens"]
+                .iter()
+                .find_map(|k| gc.get(*k).and_then(as_u64))
+        })
+    }
+
+    #[test]
+    fn output_cap_reads_as_a_value_would() {
+        let bodies = [
+            r#"{"generationConfig":{"maxOutputTokens":256,"temperature":0.2}}"#,
+            r#"{"generation_config":{"max_output_tokens":"77"}}"#,
+            r#"{"generationConfig":{"maxOutputTokens":" 12 "}}"#,
+            r#"{"generationConfig":{"maxOutputTokens":-3,"max_output_tokens":9}}"#,
+            r#"{"generationConfig":{"maxOutputTokens":1.5}}"#,
+            r#"{"generationConfig":{"maxOutputTokens":1e3}}"#,
+            r#"{"generationConfig":{"maxOutputTokens":-0}}"#,
+            r#"{"generationConfig":{"maxOutputTokens":18446744073709551616}}"#,
+            r#"{"generationConfig":{"maxOutputTokens":null,"max_output_tokens":4}}"#,
+            r#"{"generationConfig":{"maxOutputTokens":[1],"x":{"maxOutputTokens":2}}}"#,
+            r#"{"generationConfig":{"maxOutputTokens":{"a":1}}}"#,
+            r#"{"generationConfig":{"maxOutputTokens":true}}"#,
+            r#"{"generationConfig":{"maxOutputTokens":5,"maxOutputTokens":6}}"#,
+            r#"{"generationConfig":{"maxOutputTokens":5,"maxOutputTokens":"x"}}"#,
+            r#"{"generationConfig":{"max_output_tokens":5,"maxOutputTokens":"x"}}"#,
+            r#"{"generationConfig":{"max\u004futputTokens":8}}"#,
+            r#"{"generationConfig":{},"generation_config":{"maxOutputTokens":3}}"#,
+            r#"{"generationConfig":{"maxOutputTokens":"a"},"generation_config":{"maxOutputTokens":3}}"#,
+            r#"{"generationConfig":[],"generation_config":{"maxOutputTokens":3}}"#,
+            r#"{"generationConfig":"x","generation_config":null}"#,
+            r#"{"generationConfig":null}"#,
+            r#"{"contents":[{"parts":[{"text":"hi \" there"}]}],"generationConfig":{"stopSequences":["a"],"maxOutputTokens":42}}"#,
+            r#"{"generationConfig":{"maxOutputTokens":42}} trailing"#,
+            r#"{"generationConfig":{"maxOutputTokens":42"#,
+            r#"[{"maxOutputTokens":1}]"#,
+            r#"[null, {"max_output_tokens":2}]"#,
+            r#"{"generationConfig":{"maxOutputTokens":1},"generationConfig":{}}"#,
+            r#"{}"#,
+            r#""#,
+            r#"not json"#,
+        ];
+        for b in bodies {
+            assert_eq!(
+                max_output_tokens(b.as_bytes()),
+                max_output_tokens_via_value(b.as_bytes()),
+                "{b}"
+            );
+        }
+    }
 
     #[test]
     fn reads_max_output_tokens() {

@@ -211,29 +211,25 @@ pub(crate) async fn answer(
     }
 }
 
+/// At start-up, before the proxy port accepts anything: jobs that were running when the
+/// process stopped become pending again (at-least-once), and the pending count is loaded.
+/// Synchronous on purpose: a count taken while clients already add jobs would overwrite
+/// their increments, and a job counted as absent is never run.
+pub(crate) fn recover(shared: &Shared) -> Result<(), crate::store::StoreError> {
+    let n = shared.jobs.requeue_running_jobs()?;
+    if n > 0 {
+        tracing::warn!(target: "proxy", jobs = n, "deferred jobs that were running at the last stop run again (at-least-once)");
+    }
+    let counts = shared.jobs.job_counts()?;
+    shared
+        .queues
+        .set_jobs_pending(counts.iter().map(|(_, c)| c.pending + c.running).sum());
+    Ok(())
+}
+
 /// Run pending jobs whenever budget may have returned (and on a slow tick as a backstop),
 /// until `stop` fires.
 pub async fn run(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    if let Ok(n) = blocking({
-        let s = shared.jobs.clone();
-        move || s.requeue_running_jobs()
-    })
-    .await
-    {
-        if n > 0 {
-            tracing::warn!(target: "proxy", jobs = n, "deferred jobs that were running at the last stop run again (at-least-once)");
-        }
-    }
-    if let Ok(counts) = blocking({
-        let s = shared.jobs.clone();
-        move || s.job_counts()
-    })
-    .await
-    {
-        shared
-            .queues
-            .set_jobs_pending(counts.iter().map(|(_, c)| c.pending + c.running).sum());
-    }
     // Finished jobs are pruned on a slow tick, never per wake-up.
     let mut prune = tokio::time::interval(Duration::from_secs(60));
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

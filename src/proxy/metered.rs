@@ -8,7 +8,6 @@ use super::Shared;
 use crate::budget::ledger::{Charge, Reservation};
 use crate::budget::pricing::cost_pico;
 use crate::gemini::{Usage, UsageScanner};
-use crate::metrics::TokenKind;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -56,10 +55,12 @@ impl Meter {
             model,
             shared,
         } = *self;
-        let model = scanner.model_version().map(str::to_string).unwrap_or(model);
-        let agent = reservation.agent().to_string();
+        // Borrowed, not copied: the scanner and the reservation's agent id outlive their use.
+        let model: &str = scanner.model_version().unwrap_or(&model);
+        let agent_id = reservation.agent_arc();
+        let agent: &str = &agent_id;
         let config = shared.config.load();
-        let price = config.pricing.lookup(&model);
+        let price = config.pricing.lookup(model);
         let usage = match (scanner.usage(), ending) {
             (Some(u), Ending::Complete) => u,
             (Some(u), _) => {
@@ -84,26 +85,26 @@ impl Meter {
             tracing::debug!(target: "proxy", model = %model, "no price for model; cost counted as 0");
         }
         let now = shared.clock.now();
-        let agent_id = reservation.agent_arc();
-        let charge = Charge::from_usage(&model, &usage, cost);
-        let m = &shared.metrics;
-        m.tokens(&agent_id, &model, TokenKind::Prompt, charge.prompt_tokens);
-        m.tokens(
+        let charge = Charge::from_usage(model, &usage, cost);
+        // One lookup for the four kinds (prompt, completion, cached, total).
+        shared.metrics.tokens_all(
             &agent_id,
-            &model,
-            TokenKind::Completion,
-            charge.completion_tokens,
+            model,
+            [
+                charge.prompt_tokens,
+                charge.completion_tokens,
+                charge.cached_tokens,
+                charge.total_tokens,
+            ],
         );
-        m.tokens(&agent_id, &model, TokenKind::Cached, charge.cached_tokens);
-        m.tokens(&agent_id, &model, TokenKind::Total, charge.total_tokens);
         let settled = reservation.settle(charge, now);
         shared
             .alerts
-            .check(&agent, config.budget_for(&agent), &settled, now);
+            .check(agent, config.budget_for(agent), &settled, now);
         // A settle below the estimate frees budget: parked requests may fit now.
         shared
             .queues
-            .release_agent(&shared.ledger, &config, &agent, now);
+            .release_agent(&shared.ledger, &config, agent, now);
     }
 }
 

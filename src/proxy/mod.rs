@@ -427,7 +427,7 @@ pub(crate) async fn dispatch(
     }
 
     // Build the upstream request.
-    let public_base = public_base(&parts, &full_path[..ident.prefix_len]);
+    let public_base = public_base(&parts, ident.prefix_len);
     let query = match (ident.substitute_key, query) {
         (Some(KeyPlace::Query), Some(q)) => Some(substitute_query_key(&q, shared, ident)?),
         (_, q) => q,
@@ -437,7 +437,7 @@ pub(crate) async fn dispatch(
         .uri(&upstream_path, query.as_deref())
         .map_err(|e| ProxyError::BadRequestBody(format!("cannot build the upstream URL: {e}")))?;
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(HOST);
+    shared.upstream.set_host(&mut parts.headers);
     if ident.substitute_key == Some(KeyPlace::Header) {
         let key = shared
             .settings
@@ -488,7 +488,7 @@ pub(crate) async fn dispatch(
     if let Some(h) = budget_headers.as_ref() {
         h.apply(&mut rparts.headers);
     }
-    rewrite_upload_url(&mut rparts.headers, &public_base);
+    rewrite_upload_url(&mut rparts.headers, &public_base, full_path);
     let meter = reservation.map(|r| Meter::new(r, model, shared.clone()));
     Ok(Response::from_parts(
         rparts,
@@ -602,25 +602,50 @@ fn substitute_query_key(q: &str, shared: &Shared, ident: &Identity) -> Result<St
     Ok(out.finish())
 }
 
+/// What the client used to reach the proxy (scheme, host, agent prefix), kept cheaply for
+/// rewriting upload URLs: the URL itself is only formatted for a response that has one.
+struct PublicBase {
+    secure: bool,
+    scheme: Option<http::uri::Scheme>,
+    host: Option<HeaderValue>,
+    authority: Option<http::uri::Authority>,
+    prefix_len: usize,
+}
+
 /// The scheme + authority (+ agent prefix) the client used, for rewriting upload URLs.
-fn public_base(parts: &http::request::Parts, prefix: &str) -> Option<String> {
-    let host = parts
-        .headers
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))?;
-    // HTTP/1.1 request URIs carry no scheme: the listener marks requests that came over TLS.
-    let scheme = match parts.extensions.get::<crate::tls::Secure>() {
-        Some(_) => "https",
-        None => parts.uri.scheme_str().unwrap_or("http"),
-    };
-    Some(format!("{scheme}://{host}{prefix}"))
+fn public_base(parts: &http::request::Parts, prefix_len: usize) -> PublicBase {
+    PublicBase {
+        // HTTP/1.1 request URIs carry no scheme: the listener marks requests that came over TLS.
+        secure: parts.extensions.get::<crate::tls::Secure>().is_some(),
+        scheme: parts.uri.scheme().cloned(),
+        host: parts.headers.get(HOST).cloned(),
+        authority: parts.uri.authority().cloned(),
+        prefix_len,
+    }
+}
+
+impl PublicBase {
+    fn format(&self, full_path: &str) -> Option<String> {
+        let host = match self.host.as_ref().and_then(|h| h.to_str().ok()) {
+            Some(h) => h,
+            None => self.authority.as_ref()?.as_str(),
+        };
+        let scheme = match (self.secure, &self.scheme) {
+            (true, _) => "https",
+            (false, Some(s)) => s.as_str(),
+            (false, None) => "http",
+        };
+        let prefix = &full_path[..self.prefix_len];
+        Some(format!("{scheme}://{host}{prefix}"))
+    }
 }
 
 /// Point a resumable upload's `x-goog-upload-url` back at the proxy (with the agent prefix).
-fn rewrite_upload_url(headers: &mut HeaderMap, public_base: &Option<String>) {
-    let (Some(base), Some(v)) = (public_base, headers.get(&X_GOOG_UPLOAD_URL)) else {
+fn rewrite_upload_url(headers: &mut HeaderMap, public_base: &PublicBase, full_path: &str) {
+    let Some(v) = headers.get(&X_GOOG_UPLOAD_URL) else {
+        return;
+    };
+    let Some(base) = public_base.format(full_path) else {
         return;
     };
     let Some(url) = v.to_str().ok().and_then(|s| s.parse::<http::Uri>().ok()) else {
@@ -632,32 +657,42 @@ fn rewrite_upload_url(headers: &mut HeaderMap, public_base: &Option<String>) {
     }
 }
 
+/// Hop-by-hop headers (RFC 9110 §7.6.1), and `x-agent-id` (consumed by the proxy, like the
+/// `/agents/{id}` prefix: the agent's name is not Google's business). Constants: a `&str`
+/// name would be parsed on every lookup.
+const HOP_BY_HOP: [HeaderName; 10] = [
+    HeaderName::from_static("x-agent-id"),
+    http::header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::PROXY_AUTHENTICATE,
+];
+
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`,
 /// and `x-agent-id` (consumed by the proxy, like the `/agents/{id}` prefix).
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    // One pass over the (few) names first: most messages carry none of them.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
     }
-    for n in [
-        // Our own identity header: the agent's name is not Google's business.
-        "x-agent-id",
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    ] {
+    if h.contains_key(http::header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+    }
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
 }

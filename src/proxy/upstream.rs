@@ -7,17 +7,24 @@
 //! `--upstream-idle-timeout`. A certificate the client rejects fails the connect with an
 //! error naming the reason (e.g. `invalid peer certificate: UnknownIssuer`) and a hint
 //! about `--upstream-ca`; the proxy turns it into a 502.
+//!
+//! On the proxy port's I/O threads (see `crate::server`: each runs its own single-threaded
+//! runtime), every thread has its own pool, so a request, its upstream connection and that
+//! connection's task stay on one thread: no cross-thread wake-ups per request. Elsewhere
+//! (tests, other runtimes) one pool is shared, as before.
 
 use super::body::RequestBody;
 use anyhow::Context as _;
 use http::uri::{Authority, Scheme};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,6 +39,10 @@ pub struct Upstream {
     pub base_path: String,
     /// As given, for messages.
     pub display: String,
+    /// The `Host` header of requests over HTTP/1.1 to an `http://` upstream, made once: the
+    /// client would otherwise format it for every request. (`https://` upstreams negotiate
+    /// the protocol by ALPN; the client sets the header, or `:authority` on HTTP/2.)
+    host_header: Option<http::HeaderValue>,
 }
 
 impl Upstream {
@@ -51,12 +62,36 @@ impl Upstream {
             .authority()
             .cloned()
             .with_context(|| format!("--upstream {url:?} needs a host"))?;
+        // As the client does it: the host, and the port unless it is the scheme's default.
+        let host_header = (scheme == Scheme::HTTP)
+            .then(|| {
+                let host = authority.host();
+                let value = match authority.port_u16() {
+                    Some(port) if port != 80 => format!("{host}:{port}"),
+                    _ => host.to_string(),
+                };
+                http::HeaderValue::from_str(&value).ok()
+            })
+            .flatten();
         Ok(Self {
             scheme,
             authority,
+            host_header,
             base_path: uri.path().trim_end_matches('/').to_string(),
             display: url.trim_end_matches('/').to_string(),
         })
+    }
+
+    /// Replace the client's `Host` with the upstream's (or drop it, for the client to set).
+    pub fn set_host(&self, headers: &mut http::HeaderMap) {
+        match &self.host_header {
+            Some(h) => {
+                headers.insert(http::header::HOST, h.clone());
+            }
+            None => {
+                headers.remove(http::header::HOST);
+            }
+        }
     }
 
     /// The upstream URI for a forwarded path and query.
@@ -78,8 +113,63 @@ impl Upstream {
     }
 }
 
-/// The pooled upstream client.
-pub type UpstreamClient = Client<Connector, RequestBody>;
+type Pooled = Client<Connector, RequestBody>;
+
+/// The pooled upstream client: one pool for the process, or one per I/O thread there.
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    /// The shared pool (used outside the I/O threads).
+    shared: Pooled,
+    /// What the per-thread pools are built from (same connector, same settings).
+    connector: Connector,
+    idle: Duration,
+    /// Tells this client's per-thread pools apart from other clients' (tests run several).
+    id: u64,
+}
+
+static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Set on the proxy port's I/O threads: requests made there use a pool of the thread.
+    static THREAD_POOLS: Cell<bool> = const { Cell::new(false) };
+    /// The pools of this thread, by client id.
+    static POOLS: RefCell<Vec<(u64, Pooled)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Make requests of the current thread use a pool of their own (called once by each of the
+/// proxy port's I/O threads, which run a single-threaded runtime).
+pub fn use_thread_pools() {
+    THREAD_POOLS.with(|t| t.set(true));
+}
+
+impl UpstreamClient {
+    /// Send a request (the pool of this I/O thread, or the shared one).
+    pub fn request(&self, req: http::Request<RequestBody>) -> ResponseFuture {
+        if !THREAD_POOLS.with(Cell::get) {
+            return self.shared.request(req);
+        }
+        POOLS.with(|pools| {
+            let mut pools = pools.borrow_mut();
+            let i = match pools.iter().position(|(id, _)| *id == self.id) {
+                Some(i) => i,
+                None => {
+                    pools.push((self.id, build(self.connector.clone(), self.idle)));
+                    pools.len() - 1
+                }
+            };
+            pools[i].1.request(req)
+        })
+    }
+}
+
+fn build(connector: Connector, idle: Duration) -> Pooled {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_max_idle_per_host(1024)
+        .build(connector)
+}
 
 /// Timeouts of the upstream client.
 #[derive(Debug, Clone, Copy)]
@@ -133,15 +223,16 @@ pub fn client(extra_ca: Option<&Path>, timeouts: Timeouts) -> anyhow::Result<Ups
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(timeouts.idle)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_max_idle_per_host(1024)
-        .build(Connector {
-            inner: https,
-            timeout: timeouts.connect,
-        }))
+    let connector = Connector {
+        inner: https,
+        timeout: timeouts.connect,
+    };
+    Ok(UpstreamClient {
+        shared: build(connector.clone(), timeouts.idle),
+        connector,
+        idle: timeouts.idle,
+        id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
+    })
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
