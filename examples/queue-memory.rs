@@ -40,7 +40,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     std::fs::write(dir.join("budgets.json"), config)?;
     let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/budget-proxy");
-    let mut child = Command::new(&bin)
+    // `QUEUE_MEMORY_WRAP="heaptrack -o /tmp/parked"` runs the proxy under a profiler (the
+    // RSS figures are then the wrapper's, not the proxy's; read the profile instead).
+    let wrap: Vec<String> = std::env::var("QUEUE_MEMORY_WRAP")
+        .map(|w| w.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    let mut cmd = match wrap.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    };
+    let mut child = cmd
         .arg("serve")
         .arg("--config")
         .arg(dir.join("budgets.json"))

@@ -9,6 +9,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// jemalloc: see Cargo.toml for why (RSS of idle and parked connections, allocation cost).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// A Gemini API gateway that meters every response and enforces per-agent token budgets.
 #[derive(Parser, Debug)]
 #[command(name = "budget-proxy", version, args_conflicts_with_subcommands = true)]

@@ -125,6 +125,21 @@ impl PeekedBody {
         Ok(self)
     }
 
+    /// Own the bytes read so far instead of sharing the buffer they were read into. A
+    /// parked request calls this: on HTTP/1 that buffer is the connection's 8 KiB read
+    /// buffer, which a request waiting for minutes would otherwise keep alive next to the
+    /// fresh one hyper allocates to watch the connection.
+    pub fn detach(&mut self) {
+        self.head = Bytes::copy_from_slice(&self.head);
+        if self.rest.is_none() {
+            self.chunks = VecDeque::from([self.head.clone()]);
+        } else {
+            for c in self.chunks.iter_mut() {
+                *c = Bytes::copy_from_slice(c);
+            }
+        }
+    }
+
     /// The body to forward, unchanged.
     pub fn into_forward(self) -> RequestBody {
         match self.rest {

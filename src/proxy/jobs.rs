@@ -4,7 +4,7 @@
 //! stored response, `DELETE` cancels it while pending. Execution is at-least-once.
 
 use super::body::{PeekedBody, ResponseBody};
-use super::{dispatch, Origin, Shared};
+use super::{dispatch, Dispatched, Origin, Shared};
 use crate::error::ProxyError;
 use crate::identity::{Identity, KeyPlace, Via};
 use crate::store::jobs::{Job, JobState, StoredResponse};
@@ -325,19 +325,21 @@ async fn run_one(shared: &Arc<Shared>, job: Job) -> bool {
         job.query.clone(),
         peeked,
         Origin::Job,
+        None,
         &mut headers,
         &mut wait,
     )
     .await;
     let (status, rheaders, body) = match result {
-        Err(ProxyError::NotYet) => {
+        // (A job is never parked: over budget it stays pending.)
+        Err(ProxyError::NotYet) | Ok(Dispatched::Park(_)) => {
             let s = shared.jobs.clone();
             let id = job.id.clone();
             let _ =
                 blocking(move || s.transition_job(&id, JobState::Running, JobState::Pending)).await;
             return false;
         }
-        Ok(resp) => {
+        Ok(Dispatched::Response(resp)) => {
             let (p, b) = resp.into_parts();
             let body = match http_body_util::Limited::new(b, MAX_RESPONSE_BYTES)
                 .collect()

@@ -125,7 +125,24 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Res
     let started = std::time::Instant::now();
     let mut budget_headers = None;
     let mut upstream_wait = Duration::ZERO;
-    let resp = match forward(&shared, req, &mut budget_headers, &mut upstream_wait).await {
+    // `forward`'s future is large (a few KiB) and boxed: a request that must wait for budget
+    // returns from it as a small `Parked` and waits in `resume`, so a parked request does
+    // not hold the large future (see benches/queue_memory.sh).
+    let forwarded = Box::pin(forward(
+        &shared,
+        req,
+        &mut budget_headers,
+        &mut upstream_wait,
+    ))
+    .await;
+    let result = match forwarded {
+        Ok(Dispatched::Response(resp)) => Ok(resp),
+        Ok(Dispatched::Park(parked)) => {
+            resume(&shared, parked, &mut budget_headers, &mut upstream_wait).await
+        }
+        Err(e) => Err(e),
+    };
+    let resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             if e.is_client_error() {
@@ -194,7 +211,7 @@ async fn forward(
     req: Request<Incoming>,
     budget_headers: &mut Option<BudgetHeaders>,
     upstream_wait: &mut Duration,
-) -> Result<Response<ResponseBody>, ProxyError> {
+) -> Result<Dispatched, ProxyError> {
     let config = shared.config.load_full();
     let (parts, body) = req.into_parts();
     let full_path = parts.uri.path().to_string();
@@ -205,7 +222,9 @@ async fn forward(
         p => p,
     };
     if let Some(job_id) = path.strip_prefix("/budget-jobs/") {
-        return jobs::answer(shared, &ident, &parts.method, job_id).await;
+        return jobs::answer(shared, &ident, &parts.method, job_id)
+            .await
+            .map(Dispatched::Response);
     }
     let content_length = parts
         .headers
@@ -237,10 +256,86 @@ async fn forward(
         query,
         peeked,
         Origin::Client { prefer_async },
+        None,
         budget_headers,
         upstream_wait,
     )
     .await
+}
+
+/// What [`dispatch`] did with a request.
+pub(crate) enum Dispatched {
+    /// Forwarded (or answered by the proxy).
+    Response(Response<ResponseBody>),
+    /// Over budget with the queue action: to wait in [`resume`].
+    Park(Box<Parked>),
+}
+
+/// A request of a queue agent waiting for budget, with what it needs to go on once
+/// admitted: a few hundred bytes instead of the handler's future.
+pub(crate) struct Parked {
+    parts: http::request::Parts,
+    ident: Identity,
+    full_path: String,
+    query: Option<String>,
+    peeked: PeekedBody,
+    entry: Arc<AgentLedger>,
+    estimate: u64,
+    retry_after_secs: Option<u64>,
+    resets_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Wait in the agent's queue, then go on with the admission it was released with.
+async fn resume(
+    shared: &Arc<Shared>,
+    parked: Box<Parked>,
+    budget_headers: &mut Option<BudgetHeaders>,
+    upstream_wait: &mut Duration,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let waited = std::time::Instant::now();
+    // The config of now, for the queue limits (and again after the wait).
+    let config = shared.config.load_full();
+    let budget = config.agent(&parked.ident.agent).unwrap_or(&config.default);
+    let admission = Box::pin(park(
+        shared,
+        &parked.entry,
+        budget,
+        parked.estimate,
+        parked.retry_after_secs,
+        parked.resets_at,
+    ))
+    .await?;
+    let queued_ms = waited.elapsed().as_millis();
+    let config = shared.config.load_full();
+    let Parked {
+        parts,
+        ident,
+        full_path,
+        query,
+        peeked,
+        ..
+    } = *parked;
+    let dispatched = Box::pin(dispatch(
+        shared,
+        &config,
+        parts,
+        &ident,
+        &full_path,
+        query,
+        peeked,
+        Origin::Client {
+            prefer_async: false,
+        },
+        Some((admission, queued_ms)),
+        budget_headers,
+        upstream_wait,
+    ))
+    .await?;
+    match dispatched {
+        Dispatched::Response(resp) => Ok(resp),
+        // Cannot happen: a request resumed with an admission is not parked again.
+        Dispatched::Park(_) => Err(ProxyError::NotYet),
+    }
 }
 
 /// Admission, degrade and forwarding of an identified request whose body was peeked.
@@ -254,9 +349,10 @@ pub(crate) async fn dispatch(
     query: Option<String>,
     mut peeked: PeekedBody,
     origin: Origin,
+    resumed: Option<(Admission, u128)>,
     budget_headers: &mut Option<BudgetHeaders>,
     upstream_wait: &mut Duration,
-) -> Result<Response<ResponseBody>, ProxyError> {
+) -> Result<Dispatched, ProxyError> {
     let path = match &full_path[ident.prefix_len..] {
         "" => "/",
         p => p,
@@ -287,21 +383,23 @@ pub(crate) async fn dispatch(
     if is_budgeted(&parts.method, call.map(|c| c.method)) {
         let estimate = estimate_tokens(&peeked, shared.settings.default_output_tokens);
         // Queue agents keep FIFO order: while others wait, a newcomer waits behind them.
-        let mut admission =
-            if budget.action == Action::Queue && shared.queues.has_waiters(&ident.agent) {
-                // (A job yields to parked requests: they hold connections.)
-                let resets_at = crate::budget::period::window(&budget.period, now).end;
-                Admission {
-                    decision: Decision::Queue {
-                        retry_after_secs: secs_until(resets_at, now),
-                    },
-                    reservation: None,
-                    remaining_tokens: 0,
-                    resets_at,
-                }
-            } else {
-                shared.ledger.admit(&entry, budget, now, estimate)
-            };
+        let queued_ms = resumed.as_ref().map(|(_, ms)| *ms);
+        let admission = if let Some((admitted, _)) = resumed {
+            admitted
+        } else if budget.action == Action::Queue && shared.queues.has_waiters(&ident.agent) {
+            // (A job yields to parked requests: they hold connections.)
+            let resets_at = crate::budget::period::window(&budget.period, now).end;
+            Admission {
+                decision: Decision::Queue {
+                    retry_after_secs: secs_until(resets_at, now),
+                },
+                reservation: None,
+                remaining_tokens: 0,
+                resets_at,
+            }
+        } else {
+            shared.ledger.admit(&entry, budget, now, estimate)
+        };
         let mut headers = BudgetHeaders {
             agent_id: entry.id_arc(),
             agent: agent_header.clone(),
@@ -310,7 +408,6 @@ pub(crate) async fn dispatch(
             model: None,
             queued_ms: None,
         };
-        let mut queued_ms = None;
         if let Decision::Queue { retry_after_secs } = admission.decision {
             headers.action = "block";
             headers.remaining_tokens = 0;
@@ -321,7 +418,7 @@ pub(crate) async fn dispatch(
                     headers.action = "queued";
                     *budget_headers = Some(headers);
                     let prefix = &full_path[..ident.prefix_len];
-                    return jobs::defer(
+                    return Box::pin(jobs::defer(
                         shared,
                         ident,
                         parts,
@@ -330,25 +427,28 @@ pub(crate) async fn dispatch(
                         peeked,
                         prefix,
                         admission.resets_at,
-                    )
-                    .await;
+                    ))
+                    .await
+                    .map(Dispatched::Response);
                 }
                 Origin::Client {
                     prefer_async: false,
                 } => {}
             }
-            let waited = std::time::Instant::now();
-            admission = park(
-                shared,
-                &entry,
-                budget,
+            // A parked request may wait minutes: stop sharing hyper's read buffer.
+            detach(&mut parts);
+            peeked.detach();
+            return Ok(Dispatched::Park(Box::new(Parked {
+                parts,
+                ident: ident.clone(),
+                full_path: full_path.to_string(),
+                query,
+                peeked,
+                entry,
                 estimate,
                 retry_after_secs,
-                admission.resets_at,
-            )
-            .await?;
-            queued_ms = Some(waited.elapsed().as_millis());
-            headers.remaining_tokens = admission.remaining_tokens;
+                resets_at: admission.resets_at,
+            })));
         }
         match admission.decision {
             Decision::Allow => {}
@@ -490,10 +590,28 @@ pub(crate) async fn dispatch(
     }
     rewrite_upload_url(&mut rparts.headers, &public_base, full_path);
     let meter = reservation.map(|r| Meter::new(r, model, shared.clone()));
-    Ok(Response::from_parts(
+    Ok(Dispatched::Response(Response::from_parts(
         rparts,
         ResponseBody::Metered(MeteredBody::new(rbody, meter)),
-    ))
+    )))
+}
+
+/// Give `parts` their own copies of the URI and header values. On HTTP/1 hyper hands them
+/// out as slices of the connection's read buffer; a parked request holding them would keep
+/// that buffer (8 KiB) alive next to the fresh one hyper allocates while it waits
+/// (measured with `benches/queue_memory.sh`).
+fn detach(parts: &mut http::request::Parts) {
+    let mut headers = HeaderMap::with_capacity(parts.headers.len());
+    for (name, value) in parts.headers.iter() {
+        if let Ok(mut v) = HeaderValue::from_bytes(value.as_bytes()) {
+            v.set_sensitive(value.is_sensitive());
+            headers.append(name.clone(), v);
+        }
+    }
+    parts.headers = headers;
+    if let Ok(uri) = http::Uri::try_from(parts.uri.to_string()) {
+        parts.uri = uri;
+    }
 }
 
 /// Park a request of a queue agent until budget returns, the wait runs out, or shutdown.
