@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 /// jemalloc: see Cargo.toml for why (RSS of idle and parked connections, allocation cost).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
