@@ -685,12 +685,12 @@ impl Collector for Scrape {
         let config = self.live.get();
         let now = self.clock.now();
         let mut ratios: Vec<(String, f64)> = Vec::new();
-        let mut ids: Vec<String> = config.agents.keys().cloned().collect();
+        let mut ids: Vec<String> = config.agents().keys().cloned().collect();
         ids.extend(
             self.ledger
                 .agent_ids()
                 .into_iter()
-                .filter(|a| !config.agents.contains_key(a)),
+                .filter(|a| !config.agents().contains_key(a)),
         );
         for id in ids {
             let b = config.budget_for(&id);

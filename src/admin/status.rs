@@ -164,9 +164,9 @@ pub fn one(
 
 /// `{"agents": {...}, "generated_at": …}` for every agent in the file or the ledger.
 pub fn all(config: &Config, ledger: &Ledger, queues: &Queues, now: DateTime<Utc>) -> Value {
-    let mut ids: Vec<String> = config.agents.keys().cloned().collect();
+    let mut ids: Vec<String> = config.agents().keys().cloned().collect();
     for id in ledger.agent_ids() {
-        if !config.agents.contains_key(&id) {
+        if !config.agents().contains_key(&id) {
             ids.push(id);
         }
     }

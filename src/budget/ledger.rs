@@ -48,6 +48,47 @@ pub struct ModelTotals {
     pub cost_pico: u128,
 }
 
+impl ModelTotals {
+    /// The per-model share of a usage delta (a stored row is the same type).
+    fn of_delta(d: &UsageDelta) -> Self {
+        ModelTotals {
+            prompt_tokens: d.prompt_tokens,
+            completion_tokens: d.completion_tokens,
+            cached_tokens: d.cached_tokens,
+            total_tokens: d.total_tokens,
+            requests: d.requests,
+            cost_pico: d.cost_pico,
+        }
+    }
+
+    /// Field by field with `op64` (`op128` for the cost): one place for the adding and
+    /// subtracting that seeding, settling and the replica sums all do.
+    fn combine(
+        &mut self,
+        o: &ModelTotals,
+        op64: fn(u64, u64) -> u64,
+        op128: fn(u128, u128) -> u128,
+    ) {
+        self.prompt_tokens = op64(self.prompt_tokens, o.prompt_tokens);
+        self.completion_tokens = op64(self.completion_tokens, o.completion_tokens);
+        self.cached_tokens = op64(self.cached_tokens, o.cached_tokens);
+        self.total_tokens = op64(self.total_tokens, o.total_tokens);
+        self.requests = op64(self.requests, o.requests);
+        self.cost_pico = op128(self.cost_pico, o.cost_pico);
+    }
+}
+
+/// Add `t` to the totals of `model`. The name is copied only the first time the model is
+/// seen (a settle used to allocate a copy of it on every call).
+fn add_to_model(by_model: &mut HashMap<String, ModelTotals>, model: &str, t: &ModelTotals) {
+    match by_model.get_mut(model) {
+        Some(m) => m.combine(t, u64::saturating_add, u128::saturating_add),
+        None => {
+            by_model.insert(model.to_string(), t.clone());
+        }
+    }
+}
+
 /// An agent's numbers for its running period.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentTotals {
@@ -98,66 +139,71 @@ pub struct PeriodCounts {
 impl PeriodCounts {
     /// Add one delta.
     pub fn add_delta(&mut self, d: &UsageDelta) {
-        self.total_tokens = self.total_tokens.saturating_add(d.total_tokens);
-        self.prompt_tokens = self.prompt_tokens.saturating_add(d.prompt_tokens);
-        self.completion_tokens = self.completion_tokens.saturating_add(d.completion_tokens);
-        self.cached_tokens = self.cached_tokens.saturating_add(d.cached_tokens);
-        self.requests = self.requests.saturating_add(d.requests);
-        self.blocked = self.blocked.saturating_add(d.blocked);
-        self.cost_pico = self.cost_pico.saturating_add(d.cost_pico);
+        let t = ModelTotals::of_delta(d);
+        self.combine(&t, d.blocked, u64::saturating_add, u128::saturating_add);
         if !d.model.is_empty() {
-            let m = self.by_model.entry(d.model.clone()).or_default();
-            m.prompt_tokens = m.prompt_tokens.saturating_add(d.prompt_tokens);
-            m.completion_tokens = m.completion_tokens.saturating_add(d.completion_tokens);
-            m.cached_tokens = m.cached_tokens.saturating_add(d.cached_tokens);
-            m.total_tokens = m.total_tokens.saturating_add(d.total_tokens);
-            m.requests = m.requests.saturating_add(d.requests);
-            m.cost_pico = m.cost_pico.saturating_add(d.cost_pico);
+            add_to_model(&mut self.by_model, &d.model, &t);
         }
     }
 
     /// Add another sum.
     pub fn add(&mut self, o: &PeriodCounts) {
-        self.total_tokens = self.total_tokens.saturating_add(o.total_tokens);
-        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
-        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
-        self.cached_tokens = self.cached_tokens.saturating_add(o.cached_tokens);
-        self.requests = self.requests.saturating_add(o.requests);
-        self.blocked = self.blocked.saturating_add(o.blocked);
-        self.cost_pico = self.cost_pico.saturating_add(o.cost_pico);
+        self.combine(
+            &o.sums(),
+            o.blocked,
+            u64::saturating_add,
+            u128::saturating_add,
+        );
         for (k, v) in &o.by_model {
-            let m = self.by_model.entry(k.clone()).or_default();
-            m.prompt_tokens = m.prompt_tokens.saturating_add(v.prompt_tokens);
-            m.completion_tokens = m.completion_tokens.saturating_add(v.completion_tokens);
-            m.cached_tokens = m.cached_tokens.saturating_add(v.cached_tokens);
-            m.total_tokens = m.total_tokens.saturating_add(v.total_tokens);
-            m.requests = m.requests.saturating_add(v.requests);
-            m.cost_pico = m.cost_pico.saturating_add(v.cost_pico);
+            add_to_model(&mut self.by_model, k, v);
         }
     }
 
     /// Subtract another sum (saturating at zero; empty models are dropped).
     pub fn sub(&mut self, o: &PeriodCounts) {
-        self.total_tokens = self.total_tokens.saturating_sub(o.total_tokens);
-        self.prompt_tokens = self.prompt_tokens.saturating_sub(o.prompt_tokens);
-        self.completion_tokens = self.completion_tokens.saturating_sub(o.completion_tokens);
-        self.cached_tokens = self.cached_tokens.saturating_sub(o.cached_tokens);
-        self.requests = self.requests.saturating_sub(o.requests);
-        self.blocked = self.blocked.saturating_sub(o.blocked);
-        self.cost_pico = self.cost_pico.saturating_sub(o.cost_pico);
+        self.combine(
+            &o.sums(),
+            o.blocked,
+            u64::saturating_sub,
+            u128::saturating_sub,
+        );
         for (k, v) in &o.by_model {
             if let Some(m) = self.by_model.get_mut(k) {
-                m.prompt_tokens = m.prompt_tokens.saturating_sub(v.prompt_tokens);
-                m.completion_tokens = m.completion_tokens.saturating_sub(v.completion_tokens);
-                m.cached_tokens = m.cached_tokens.saturating_sub(v.cached_tokens);
-                m.total_tokens = m.total_tokens.saturating_sub(v.total_tokens);
-                m.requests = m.requests.saturating_sub(v.requests);
-                m.cost_pico = m.cost_pico.saturating_sub(v.cost_pico);
+                m.combine(v, u64::saturating_sub, u128::saturating_sub);
                 if *m == ModelTotals::default() {
                     self.by_model.remove(k);
                 }
             }
         }
+    }
+
+    /// The period-wide numbers but `blocked`, in the per-model shape.
+    fn sums(&self) -> ModelTotals {
+        ModelTotals {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cached_tokens: self.cached_tokens,
+            total_tokens: self.total_tokens,
+            requests: self.requests,
+            cost_pico: self.cost_pico,
+        }
+    }
+
+    /// The period-wide numbers combined with `t` and `blocked` (see [`ModelTotals::combine`]).
+    fn combine(
+        &mut self,
+        t: &ModelTotals,
+        blocked: u64,
+        op64: fn(u64, u64) -> u64,
+        op128: fn(u128, u128) -> u128,
+    ) {
+        self.total_tokens = op64(self.total_tokens, t.total_tokens);
+        self.prompt_tokens = op64(self.prompt_tokens, t.prompt_tokens);
+        self.completion_tokens = op64(self.completion_tokens, t.completion_tokens);
+        self.cached_tokens = op64(self.cached_tokens, t.cached_tokens);
+        self.requests = op64(self.requests, t.requests);
+        self.blocked = op64(self.blocked, blocked);
+        self.cost_pico = op128(self.cost_pico, t.cost_pico);
     }
 
     /// Nothing counted.
@@ -311,6 +357,17 @@ impl AgentState {
             self.window = w;
             Some((old.start.timestamp(), w))
         }
+    }
+
+    /// Add usage to the period-wide numbers (the per-model ones are [`add_to_model`]'s).
+    fn add_sums(&mut self, t: &ModelTotals, blocked: u64) {
+        self.committed = self.committed.saturating_add(t.total_tokens);
+        self.prompt = self.prompt.saturating_add(t.prompt_tokens);
+        self.completion = self.completion.saturating_add(t.completion_tokens);
+        self.cached = self.cached.saturating_add(t.cached_tokens);
+        self.requests = self.requests.saturating_add(t.requests);
+        self.blocked = self.blocked.saturating_add(blocked);
+        self.cost_pico = self.cost_pico.saturating_add(t.cost_pico);
     }
 
     fn remaining(&self, max: u64) -> u64 {
@@ -481,7 +538,9 @@ pub struct Reservation {
     agent: Arc<AgentLedger>,
     spec: PeriodSpec,
     estimate_tokens: u64,
-    sinks: Sinks,
+    /// Shared with the ledger: one reference count per request instead of a clone of each
+    /// channel sender (two or three atomic counters apiece, on lines every request touches).
+    sinks: Arc<Sinks>,
     settled: bool,
 }
 
@@ -521,18 +580,6 @@ impl Reservation {
             st.in_flight = st.in_flight.saturating_sub(1);
             let rekey = st.align(&self.spec, now);
             let before_tokens = st.committed;
-            st.committed = st.committed.saturating_add(charge.total_tokens);
-            st.prompt += charge.prompt_tokens;
-            st.completion += charge.completion_tokens;
-            st.cached += charge.cached_tokens;
-            st.cost_pico += charge.cost_pico;
-            let m = st.by_model.entry(charge.model.clone()).or_default();
-            m.prompt_tokens += charge.prompt_tokens;
-            m.completion_tokens += charge.completion_tokens;
-            m.cached_tokens += charge.cached_tokens;
-            m.total_tokens += charge.total_tokens;
-            m.requests += 1;
-            m.cost_pico += charge.cost_pico;
             let delta = UsageDelta {
                 agent: self.agent.id.to_string(),
                 period_start: st.window.start.timestamp(),
@@ -547,6 +594,11 @@ impl Reservation {
                 blocked: 0,
                 cost_pico: charge.cost_pico,
             };
+            let t = ModelTotals::of_delta(&delta);
+            // The period-wide request count took this request at admission (it counts
+            // requests in flight); the model's count takes it now.
+            st.add_sums(&ModelTotals { requests: 0, ..t }, 0);
+            add_to_model(&mut st.by_model, &delta.model, &t);
             if self.sinks.remote.is_some() {
                 st.note_pending(&delta);
             }
@@ -607,12 +659,16 @@ pub fn secs_until(end: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Option<u64>
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DynamicAgentCap(pub usize);
 
+/// Agent id → entry. Looked up on every request, so hashed with foldhash rather than
+/// SipHash (randomly seeded too: ids come from callers).
+type AgentMap = DashMap<Arc<str>, Arc<AgentLedger>, foldhash::fast::RandomState>;
+
 /// All agents' live counters.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    agents: DashMap<Arc<str>, Arc<AgentLedger>>,
+    agents: AgentMap,
     dynamic_agents: AtomicUsize,
-    sinks: Sinks,
+    sinks: Arc<Sinks>,
     /// Replica sync: admission also needs a lease (off while the shared store is down in
     /// `open` failure mode: each replica then enforces its own view).
     leased: AtomicBool,
@@ -625,12 +681,12 @@ impl Ledger {
     /// A ledger that persists through `writer` (`None`: memory only, for benches).
     pub fn new(writer: Option<Writer>) -> Self {
         Self {
-            agents: DashMap::new(),
+            agents: AgentMap::default(),
             dynamic_agents: AtomicUsize::new(0),
-            sinks: Sinks {
+            sinks: Arc::new(Sinks {
                 writer,
                 remote: None,
-            },
+            }),
             leased: AtomicBool::new(false),
             lease_wanted: Mutex::default(),
         }
@@ -641,12 +697,12 @@ impl Ledger {
     /// (it starts on).
     pub fn with_remote(writer: Option<Writer>, remote: RemoteSink) -> Self {
         Self {
-            agents: DashMap::new(),
+            agents: AgentMap::default(),
             dynamic_agents: AtomicUsize::new(0),
-            sinks: Sinks {
+            sinks: Arc::new(Sinks {
                 writer,
                 remote: Some(remote),
-            },
+            }),
             leased: AtomicBool::new(true),
             lease_wanted: Mutex::default(),
         }
@@ -694,21 +750,10 @@ impl Ledger {
                 self.sinks.send(rekey_op(&agent, start, w));
             }
             let mut st = AgentState::new(w);
-            for r in rows {
-                st.committed += r.total_tokens;
-                st.prompt += r.prompt_tokens;
-                st.completion += r.completion_tokens;
-                st.cached += r.cached_tokens;
-                st.requests += r.requests;
-                st.blocked += r.blocked;
-                st.cost_pico += r.cost_pico;
-                let m = st.by_model.entry(r.model.clone()).or_default();
-                m.prompt_tokens += r.prompt_tokens;
-                m.completion_tokens += r.completion_tokens;
-                m.cached_tokens += r.cached_tokens;
-                m.total_tokens += r.total_tokens;
-                m.requests += r.requests;
-                m.cost_pico += r.cost_pico;
+            for r in &rows {
+                let t = ModelTotals::of_delta(r);
+                st.add_sums(&t, r.blocked);
+                add_to_model(&mut st.by_model, &r.model, &t);
             }
             let id: Arc<str> = Arc::from(agent.as_str());
             self.agents
@@ -742,7 +787,10 @@ impl Ledger {
             .entry(id.clone())
             .or_insert_with(|| {
                 created = true;
-                Arc::new(AgentLedger::new(id, AgentState::new(window(spec, now))))
+                let mut st = AgentState::new(window(spec, now));
+                // The window is `spec`'s: the first admission need not compute it again.
+                st.spec = Some(*spec);
+                Arc::new(AgentLedger::new(id, st))
             })
             .value()
             .clone();
@@ -774,10 +822,12 @@ impl Ledger {
                     .insert(agent.id.clone());
             }
             let over = over_view || over_lease;
-            let retry_after_secs = secs_until(st.window.end, now);
             let decision = if !over {
                 Decision::Allow
             } else {
+                // Only refusals carry it: chrono's date arithmetic was over a quarter of an
+                // admission's instructions when done for every request.
+                let retry_after_secs = secs_until(st.window.end, now);
                 match budget.action {
                     Action::Warn => Decision::Warn,
                     Action::Degrade => match &budget.fallback_model {
@@ -1020,21 +1070,9 @@ impl Ledger {
         };
         let mut st = e.lock();
         st.pending.get_or_insert_with(Default::default).add(counts);
-        st.committed = st.committed.saturating_add(counts.total_tokens);
-        st.prompt = st.prompt.saturating_add(counts.prompt_tokens);
-        st.completion = st.completion.saturating_add(counts.completion_tokens);
-        st.cached = st.cached.saturating_add(counts.cached_tokens);
-        st.requests = st.requests.saturating_add(counts.requests);
-        st.blocked = st.blocked.saturating_add(counts.blocked);
-        st.cost_pico = st.cost_pico.saturating_add(counts.cost_pico);
+        st.add_sums(&counts.sums(), counts.blocked);
         for (k, v) in &counts.by_model {
-            let m = st.by_model.entry(k.clone()).or_default();
-            m.prompt_tokens += v.prompt_tokens;
-            m.completion_tokens += v.completion_tokens;
-            m.cached_tokens += v.cached_tokens;
-            m.total_tokens += v.total_tokens;
-            m.requests += v.requests;
-            m.cost_pico += v.cost_pico;
+            add_to_model(&mut st.by_model, k, v);
         }
     }
 
@@ -1111,6 +1149,86 @@ mod tests {
             total_tokens: tokens,
             cost_pico: 0,
         }
+    }
+
+    #[test]
+    fn seeded_settled_and_pending_usage_add_up_per_period_and_per_model() {
+        let ledger = Ledger::new(None);
+        let b = budget(1000);
+        let now = Utc::now();
+        let w = window(&b.period, now);
+        let row = |model: &str, t: [u64; 6], blocked: u64| UsageDelta {
+            agent: "a".into(),
+            period_start: w.start.timestamp(),
+            period_end: w.end.map(|e| e.timestamp()),
+            model: model.into(),
+            prompt_tokens: t[0],
+            completion_tokens: t[1],
+            cached_tokens: t[2],
+            total_tokens: t[3],
+            requests: t[4],
+            blocked,
+            cost_pico: u128::from(t[5]),
+            ..UsageDelta::default()
+        };
+        let rows = vec![
+            row("m1", [10, 5, 2, 15, 1, 7], 0),
+            row("m1", [1, 1, 0, 2, 1, 1], 0),
+            row("", [0; 6], 1),
+        ];
+        ledger.seed(rows, |_| &b, now);
+        let e = ledger.entry("a", &b.period, now, None).unwrap();
+        let r = ledger.admit(&e, &b, now, 100).reservation.unwrap();
+        let charge = Charge {
+            model: "m2".into(),
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            cached_tokens: 1,
+            total_tokens: 7,
+            cost_pico: 5,
+        };
+        assert_eq!(r.settle(charge, now).after_tokens, 24);
+        let model = |t: &AgentTotals, m: &str| {
+            t.by_model
+                .iter()
+                .find(|(k, _)| k == m)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        let totals = |t: [u64; 6]| ModelTotals {
+            prompt_tokens: t[0],
+            completion_tokens: t[1],
+            cached_tokens: t[2],
+            total_tokens: t[3],
+            requests: t[4],
+            cost_pico: u128::from(t[5]),
+        };
+        let t = ledger.totals("a", &b.period, now).unwrap();
+        // The admission counted the request period-wide; the settle counts it for its model.
+        assert_eq!(
+            (
+                t.committed_tokens,
+                t.prompt_tokens,
+                t.completion_tokens,
+                t.cached_tokens
+            ),
+            (24, 14, 10, 3)
+        );
+        assert_eq!((t.requests, t.blocked, t.cost_pico), (3, 1, 13));
+        assert_eq!(model(&t, "m1"), totals([11, 6, 2, 17, 2, 8]));
+        assert_eq!(model(&t, "m2"), totals([3, 4, 1, 7, 1, 5]));
+        let mut pending = PeriodCounts::default();
+        pending.add_delta(&row("m1", [6, 4, 0, 10, 2, 2], 1));
+        ledger.add_pending("a", &b.period, now, &pending);
+        let t = ledger.totals("a", &b.period, now).unwrap();
+        assert_eq!((t.committed_tokens, t.requests, t.blocked), (34, 5, 2));
+        assert_eq!(model(&t, "m1"), totals([17, 10, 2, 27, 4, 10]));
+        // Subtracting what was added leaves nothing, and drops the emptied model.
+        let mut again = pending.clone();
+        again.add(&pending);
+        again.sub(&pending);
+        again.sub(&pending);
+        assert!(again.is_empty());
     }
 
     #[test]

@@ -39,7 +39,9 @@ struct AgentQueue {
 
 /// All agents' parked requests.
 pub struct Queues {
-    agents: DashMap<Arc<str>, Arc<Mutex<AgentQueue>>>,
+    /// Looked up on every settle (`release_agent`) and every admission of a queue agent,
+    /// hence foldhash (seeded per process) rather than SipHash.
+    agents: DashMap<Arc<str>, Arc<Mutex<AgentQueue>>, foldhash::fast::RandomState>,
     /// Wakes the deferred-job runner when budget may have returned.
     jobs: tokio::sync::Notify,
     /// Deferred jobs waiting for budget: wake-ups are skipped while there are none, so a
@@ -60,7 +62,7 @@ impl std::fmt::Debug for Queues {
 impl Default for Queues {
     fn default() -> Self {
         Self {
-            agents: DashMap::new(),
+            agents: DashMap::default(),
             jobs: tokio::sync::Notify::new(),
             jobs_pending: AtomicU64::new(0),
             next_id: AtomicU64::new(1),

@@ -8,7 +8,8 @@
 
 use super::raw::{RawAgent, RawConfig, RawPrice, RedisFailureMode, WebhookFormat};
 use super::{
-    parse_key_digest, Action, AgentBudget, Config, Priority, QueueLimits, UnknownAgents, Webhook,
+    parse_key_digest, Action, AgentBudget, AgentIndex, Config, Priority, QueueLimits,
+    UnknownAgents, Webhook,
 };
 use crate::budget::period::{Period, PeriodSpec};
 use crate::budget::pricing::{normalize_model, PriceOverride, PriceTable};
@@ -238,6 +239,7 @@ pub(super) fn resolve(raw: &RawConfig) -> Result<Config, Vec<String>> {
     match default {
         Some(default) if errs.is_empty() && agents.len() == raw.agents.len() => Ok(Config {
             default,
+            index: AgentIndex::new(&agents),
             agents,
             unknown_agents: raw.unknown_agents.unwrap_or(UnknownAgents::Default),
             max_dynamic_agents,

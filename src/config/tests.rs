@@ -45,7 +45,7 @@ fn assert_contains(haystack: &str, needles: &[&str]) {
 #[test]
 fn shipped_file_parses_with_the_seed_agents() {
     let c = Config::parse(SHIPPED, "config/budgets.json").unwrap();
-    assert_eq!(c.agents.len(), 13);
+    assert_eq!(c.agents().len(), 13);
     let expect = [
         ("sage", 3_000_000, Action::Degrade, Priority::High),
         ("blaze", 2_500_000, Action::Degrade, Priority::High),
@@ -87,7 +87,7 @@ fn shipped_file_parses_with_the_seed_agents() {
         c.default.fallback_model.as_deref(),
         Some("gemini-2.5-flash-lite")
     );
-    let total: u64 = c.agents.values().map(|a| a.max_tokens).sum();
+    let total: u64 = c.agents().values().map(|a| a.max_tokens).sum();
     // The seed's table says "23.9M" but its rows add up to 19.9M.
     assert_eq!(total, 19_900_000);
 }
@@ -119,7 +119,7 @@ fn built_in_defaults() {
         c.pricing.lookup("gemini-2.5-pro"),
         PriceTable::builtin().lookup("gemini-2.5-pro")
     );
-    assert!(c.agents.len() == 1 && c.agent("b").is_none());
+    assert!(c.agents().len() == 1 && c.agent("b").is_none());
     assert_eq!(c.budget_for("b"), &c.default);
 }
 

@@ -959,7 +959,7 @@ impl Task {
                         backoff = Duration::from_millis(50);
                         // Read back everything known: events may have been missed.
                         let mut pulls = lock(&self.inner.pulls);
-                        for a in self.inner.live.get().agents.keys() {
+                        for a in self.inner.live.get().agents().keys() {
                             pulls.insert(a.clone());
                         }
                         for a in self.inner.ledger.agent_ids() {
@@ -1103,7 +1103,7 @@ impl Task {
             if !self.agents.contains_key(&agent)
                 && !urgent.contains_key(&agent)
                 && inner.ledger.get(&agent).is_none()
-                && !config.agents.contains_key(&agent)
+                && !config.agents().contains_key(&agent)
             {
                 continue;
             }
@@ -1281,7 +1281,7 @@ impl Task {
                         .saturating_sub(Duration::from_millis(100))
             });
             let budget = config.budget_for(&p.agent);
-            let create = config.agents.contains_key(&p.agent) || !p.waiters.is_empty();
+            let create = config.agents().contains_key(&p.agent) || !p.waiters.is_empty();
             let settled = inner.ledger.apply_remote(
                 &p.agent,
                 &budget.period,
