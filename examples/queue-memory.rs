@@ -153,6 +153,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{}: connections + parked requests cost {total:.1} MiB (<= {target:.0} MiB)",
         if total <= target { "PASS" } else { "FAIL" }
     );
+    // `QUEUE_MEMORY_HOLD=SECS` keeps everything parked a while, to look at the proxy
+    // (e.g. `/proc/PID/smaps`) before it is stopped.
+    if let Some(secs) = std::env::var("QUEUE_MEMORY_HOLD")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        println!("holding for {secs} s: proxy pid {pid}");
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+    }
     drop(conns);
     let _ = child.kill();
     let _ = child.wait();

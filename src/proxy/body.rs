@@ -129,8 +129,10 @@ impl PeekedBody {
     /// parked request calls this: on HTTP/1 that buffer is the connection's 8 KiB read
     /// buffer, which a request waiting for minutes would otherwise keep alive next to the
     /// fresh one hyper allocates to watch the connection.
-    pub fn detach(&mut self) {
-        self.head = Bytes::copy_from_slice(&self.head);
+    /// Returns the bytes it let go of (see `proxy::resume` for why they are kept a moment).
+    pub fn detach(&mut self) -> Bytes {
+        let old = std::mem::replace(&mut self.head, Bytes::new());
+        self.head = Bytes::copy_from_slice(&old);
         if self.rest.is_none() {
             self.chunks = VecDeque::from([self.head.clone()]);
         } else {
@@ -138,6 +140,7 @@ impl PeekedBody {
                 *c = Bytes::copy_from_slice(c);
             }
         }
+        old
     }
 
     /// The body to forward, unchanged.

@@ -274,6 +274,9 @@ pub(crate) enum Dispatched {
 /// A request of a queue agent waiting for budget, with what it needs to go on once
 /// admitted: a few hundred bytes instead of the handler's future.
 pub(crate) struct Parked {
+    /// The body as hyper handed it out: a slice of the connection's read buffer, let go
+    /// of once the request is parked (see [`resume`]).
+    read_buffer: Option<Bytes>,
     parts: http::request::Parts,
     ident: Identity,
     full_path: String,
@@ -292,6 +295,20 @@ async fn resume(
     budget_headers: &mut Option<BudgetHeaders>,
     upstream_wait: &mut Duration,
 ) -> Result<Response<ResponseBody>, ProxyError> {
+    // On HTTP/1, hyper reads the request into a connection buffer of 8 KiB, and once the
+    // request is read it makes sure it has 8 KiB free to watch the connection: it reuses the
+    // buffer in place when nothing else shares it, else it allocates a fresh one. Holding
+    // a slice of the old one across one yield makes it take a fresh buffer (whose pages
+    // stay untouched, so cost no RSS while the request waits) and frees the old one, whose
+    // page that received the request can be reused by the next connection; without it the
+    // parked connection keeps that page for as long as it waits. Measured with
+    // benches/queue_memory.sh: 7.8 -> 6.5-7.2 KiB per parked request (whether hyper had
+    // already moved on before the request was parked depends on scheduling).
+    let mut parked = parked;
+    if let Some(read_buffer) = parked.read_buffer.take() {
+        tokio::task::yield_now().await;
+        drop(read_buffer);
+    }
     let waited = std::time::Instant::now();
     // The config of now, for the queue limits (and again after the wait).
     let config = shared.config.load_full();
@@ -437,8 +454,9 @@ pub(crate) async fn dispatch(
             }
             // A parked request may wait minutes: stop sharing hyper's read buffer.
             detach(&mut parts);
-            peeked.detach();
+            let read_buffer = peeked.detach();
             return Ok(Dispatched::Park(Box::new(Parked {
+                read_buffer: Some(read_buffer),
                 parts,
                 ident: ident.clone(),
                 full_path: full_path.to_string(),
