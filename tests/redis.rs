@@ -83,15 +83,20 @@ async fn generate(http: &reqwest::Client, r: &Replica, agent: &str) -> reqwest::
     .unwrap()
 }
 
-async fn status(http: &reqwest::Client, r: &Replica, agent: &str) -> Value {
+/// `GET` an admin route of replica `r` (200 expected), as JSON.
+async fn admin_get(http: &reqwest::Client, r: &Replica, path: &str) -> Value {
     let resp = http
-        .get(format!("{}/api/budget/status/{agent}", r.admin))
+        .get(format!("{}{path}", r.admin))
         .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.status(), 200, "GET {path}");
     resp.json().await.unwrap()
+}
+
+async fn status(http: &reqwest::Client, r: &Replica, agent: &str) -> Value {
+    admin_get(http, r, &format!("/api/budget/status/{agent}")).await
 }
 
 /// The agent's counters hash in Redis for its running period.
@@ -268,15 +273,7 @@ async fn three_replicas_enforce_one_budget_within_the_bound_and_count_exactly() 
             "alerts listed once on every replica",
             Duration::from_secs(3),
             || async {
-                let a: Value = http
-                    .get(format!("{}/api/budget/alerts?agent=pool", r.admin))
-                    .bearer_auth(ADMIN_TOKEN)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let a = admin_get(&http, r, "/api/budget/alerts?agent=pool").await;
                 let mut th: Vec<u64> = a["alerts"]
                     .as_array()
                     .unwrap()
@@ -416,15 +413,7 @@ async fn a_reset_on_a_releases_a_request_parked_on_b() {
         "the request is parked on B",
         Duration::from_secs(3),
         || async {
-            let q: Value = http
-                .get(format!("{}/api/budget/queue", b.admin))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let q = admin_get(&http, b, "/api/budget/queue").await;
             q["agents"]["waiter"]["parked"] == 1
         },
     )

@@ -507,7 +507,6 @@ impl AlertCenter {
 mod tests {
     use super::*;
     use crate::budget::period::Window;
-    use crate::config::Config;
     use chrono::TimeZone;
 
     fn collect(th: &[u32], before: u64, after: u64, max: u64) -> Vec<u32> {
@@ -595,17 +594,7 @@ mod tests {
         assert!(!f.claim(29, 75));
     }
 
-    fn budget(max: u64) -> AgentBudget {
-        let c = Config::parse(
-            r#"{"default": {"max_tokens": 1000, "period": "monthly", "action_on_limit": "block"}, "agents": {}}"#,
-            "t",
-        )
-        .unwrap();
-        AgentBudget {
-            max_tokens: max,
-            ..c.default
-        }
-    }
+    use crate::config::test_budget as budget;
 
     fn settled(before: u64, after: u64, start: i64) -> Settled {
         Settled {

@@ -1126,19 +1126,8 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
-    fn budget(max: u64) -> AgentBudget {
-        let c = Config::parse(
-            r#"{"default": {"max_tokens": 1000, "period": "monthly", "action_on_limit": "block"}, "agents": {}}"#,
-            "t",
-        )
-        .unwrap();
-        AgentBudget {
-            max_tokens: max,
-            ..c.default
-        }
-    }
+    use crate::config::test_budget as budget;
 
     fn charge(tokens: u64) -> Charge {
         Charge {

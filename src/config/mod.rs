@@ -378,5 +378,19 @@ pub fn parse_key_digest(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// A monthly `block` budget of `max_tokens`, for unit tests of the budget logic.
+#[cfg(test)]
+pub(crate) fn test_budget(max_tokens: u64) -> AgentBudget {
+    let c = Config::parse(
+        r#"{"default": {"max_tokens": 1000, "period": "monthly", "action_on_limit": "block"}, "agents": {}}"#,
+        "t",
+    )
+    .expect("the test config parses");
+    AgentBudget {
+        max_tokens,
+        ..c.default
+    }
+}
+
 #[cfg(test)]
 mod tests;
