@@ -291,7 +291,7 @@ pub(crate) struct Parked {
 /// Wait in the agent's queue, then go on with the admission it was released with.
 async fn resume(
     shared: &Arc<Shared>,
-    parked: Box<Parked>,
+    mut parked: Box<Parked>,
     budget_headers: &mut Option<BudgetHeaders>,
     upstream_wait: &mut Duration,
 ) -> Result<Response<ResponseBody>, ProxyError> {
@@ -304,7 +304,6 @@ async fn resume(
     // parked connection keeps that page for as long as it waits. Measured with
     // benches/queue_memory.sh: 7.8 -> 6.5-7.2 KiB per parked request (whether hyper had
     // already moved on before the request was parked depends on scheduling).
-    let mut parked = parked;
     if let Some(read_buffer) = parked.read_buffer.take() {
         tokio::task::yield_now().await;
         drop(read_buffer);
