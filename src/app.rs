@@ -268,7 +268,7 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         admin_tls,
-        move |req| admin::handle(admin_state.clone(), req),
+        move |req| Box::pin(admin::handle(admin_state.clone(), req)),
         stop_rx,
         drain,
         "admin",
@@ -307,24 +307,26 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
 
 /// The proxy behind the replica gate: with Redis, a budgeted request whose agent has no
 /// lease left waits for one sync round first (or gets 503 in `closed` mode while Redis is
-/// down); without Redis, straight to the proxy.
-async fn gated(
+/// down); without Redis, straight to the proxy. Not an `async fn`, so that the request is
+/// not kept twice while it is handled (see `proxy::handle`).
+fn gated(
     sync: Option<RedisSync>,
     shared: Arc<Shared>,
     req: http::Request<hyper::body::Incoming>,
-) -> http::Response<proxy::body::ResponseBody> {
-    if let Some(sync) = sync {
-        match sync.gate(&req) {
-            Gate::Pass => {}
-            Gate::Reply(resp) => return resp,
-            Gate::Wait(rx, limit) => {
-                if let Some(resp) = sync.wait(rx, limit).await {
-                    return resp;
-                }
+) -> server::BoxFuture<http::Response<proxy::body::ResponseBody>> {
+    let Some(sync) = sync else {
+        return proxy::handle(shared, req);
+    };
+    match sync.gate(&req) {
+        Gate::Pass => proxy::handle(shared, req),
+        Gate::Reply(resp) => Box::pin(std::future::ready(resp)),
+        Gate::Wait(rx, limit) => Box::pin(async move {
+            match sync.wait(rx, limit).await {
+                Some(resp) => resp,
+                None => proxy::handle(shared, req).await,
             }
-        }
+        }),
     }
-    proxy::handle(shared, req).await
 }
 
 /// Run until SIGTERM or SIGINT, then shut down gracefully.

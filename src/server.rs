@@ -132,10 +132,14 @@ async fn sniff(stream: &TcpStream) -> Sniffed {
     }
 }
 
+/// A boxed, sendable future: what a handler returns. Boxed because hyper keeps one slot of
+/// the service future's size in every connection, idle or not.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
+
 /// Serve `handler` on `listener` (over TLS when `tls` is set) until `shutdown` turns true,
 /// then drain for at most `drain_deadline`. Returns the number of connections still open
 /// at the deadline.
-pub async fn serve<H, F, B>(
+pub async fn serve<H, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     handler: H,
@@ -144,8 +148,7 @@ pub async fn serve<H, F, B>(
     name: &'static str,
 ) -> usize
 where
-    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
-    F: Future<Output = Response<B>> + Send + 'static,
+    H: Fn(Request<Incoming>) -> BoxFuture<Response<B>> + Send + Sync + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -191,8 +194,7 @@ where
             if secure {
                 req.extensions_mut().insert(Secure);
             }
-            // Boxed: hyper keeps one slot of the service future's size per connection.
-            let fut = Box::pin(h(req));
+            let fut = h(req);
             async move { Ok::<_, Infallible>(fut.await) }
         });
         // The watcher is taken now, so shutdown waits for this connection from here on.

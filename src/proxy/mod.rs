@@ -120,28 +120,44 @@ impl BudgetHeaders {
     }
 }
 
+/// What handling a request learnt for its response headers and metrics.
+#[derive(Default)]
+struct Trace {
+    budget_headers: Option<BudgetHeaders>,
+    upstream_wait: Duration,
+}
+
 /// Answer a request on the proxy port. Never fails: errors become Gemini-shaped responses.
-pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ResponseBody> {
+///
+/// Not an `async fn`: an async fn's future keeps a slot for each argument for its whole
+/// life, and `req` is a few hundred bytes. The request goes at once into `forward`'s
+/// future, which is large (a few KiB) and boxed; a request that must wait for budget
+/// comes back from it as a small `Parked` and waits in `resume`. So a parked request holds
+/// neither the request nor the large future (see benches/queue_memory.sh).
+pub fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> crate::server::BoxFuture<Response<ResponseBody>> {
     let started = std::time::Instant::now();
-    let mut budget_headers = None;
-    let mut upstream_wait = Duration::ZERO;
-    // `forward`'s future is large (a few KiB) and boxed: a request that must wait for budget
-    // returns from it as a small `Parked` and waits in `resume`, so a parked request does
-    // not hold the large future (see benches/queue_memory.sh).
-    let forwarded = Box::pin(forward(
-        &shared,
-        req,
-        &mut budget_headers,
-        &mut upstream_wait,
-    ))
-    .await;
-    let result = match forwarded {
-        Ok(Dispatched::Response(resp)) => Ok(resp),
-        Ok(Dispatched::Park(parked)) => {
-            resume(&shared, parked, &mut budget_headers, &mut upstream_wait).await
-        }
-        Err(e) => Err(e),
-    };
+    let forwarded = Box::pin(forward(shared.clone(), req));
+    Box::pin(async move {
+        let (forwarded, mut trace) = forwarded.await;
+        let result = match forwarded {
+            Ok(Dispatched::Response(resp)) => Ok(resp),
+            Ok(Dispatched::Park(parked)) => resume(&shared, parked, &mut trace).await,
+            Err(e) => Err(e),
+        };
+        finish(&shared, result, &trace, started)
+    })
+}
+
+/// The response of a handled request (errors turned Gemini-shaped), counted in the metrics.
+fn finish(
+    shared: &Shared,
+    result: Result<Response<ResponseBody>, ProxyError>,
+    trace: &Trace,
+    started: std::time::Instant,
+) -> Response<ResponseBody> {
     let resp = match result {
         Ok(resp) => resp,
         Err(e) => {
@@ -150,20 +166,20 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Res
             } else {
                 tracing::warn!(target: "proxy", error = %e, "request failed");
             }
-            error_response(&e, budget_headers.as_ref())
+            error_response(&e, trace.budget_headers.as_ref())
         }
     };
     let m = &shared.metrics;
-    match &budget_headers {
+    match &trace.budget_headers {
         Some(h) => m.request(h.agent_id.clone(), h.action, resp.status().as_u16()),
         None => m.request(Arc::from(""), "none", resp.status().as_u16()),
     }
-    if upstream_wait > Duration::ZERO {
-        crate::metrics::Metrics::observe(&m.upstream_latency, upstream_wait);
+    if trace.upstream_wait > Duration::ZERO {
+        crate::metrics::Metrics::observe(&m.upstream_latency, trace.upstream_wait);
     }
     crate::metrics::Metrics::observe(
         &m.proxy_overhead,
-        started.elapsed().saturating_sub(upstream_wait),
+        started.elapsed().saturating_sub(trace.upstream_wait),
     );
     resp
 }
@@ -207,10 +223,19 @@ pub(crate) enum Origin {
 }
 
 async fn forward(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> (Result<Dispatched, ProxyError>, Trace) {
+    let mut trace = Trace::default();
+    let result = identify_and_dispatch(&shared, req, &mut trace).await;
+    (result, trace)
+}
+
+/// Identify the agent, peek the body, and dispatch.
+async fn identify_and_dispatch(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
-    budget_headers: &mut Option<BudgetHeaders>,
-    upstream_wait: &mut Duration,
+    trace: &mut Trace,
 ) -> Result<Dispatched, ProxyError> {
     let config = shared.config.load_full();
     let (parts, body) = req.into_parts();
@@ -257,8 +282,8 @@ async fn forward(
         peeked,
         Origin::Client { prefer_async },
         None,
-        budget_headers,
-        upstream_wait,
+        &mut trace.budget_headers,
+        &mut trace.upstream_wait,
     )
     .await
 }
@@ -292,8 +317,7 @@ pub(crate) struct Parked {
 async fn resume(
     shared: &Arc<Shared>,
     mut parked: Box<Parked>,
-    budget_headers: &mut Option<BudgetHeaders>,
-    upstream_wait: &mut Duration,
+    trace: &mut Trace,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     // On HTTP/1, hyper reads the request into a connection buffer of 8 KiB, and once the
     // request is read it makes sure it has 8 KiB free to watch the connection: it reuses the
@@ -322,6 +346,26 @@ async fn resume(
     ))
     .await?;
     let queued_ms = waited.elapsed().as_millis();
+    // Boxed: the request's parts are unpacked only once it is released.
+    let dispatched = Box::pin(dispatch_released(
+        shared, parked, admission, queued_ms, trace,
+    ))
+    .await?;
+    match dispatched {
+        Dispatched::Response(resp) => Ok(resp),
+        // Cannot happen: a request resumed with an admission is not parked again.
+        Dispatched::Park(_) => Err(ProxyError::NotYet),
+    }
+}
+
+/// Dispatch a parked request that was released with `admission`.
+async fn dispatch_released(
+    shared: &Arc<Shared>,
+    parked: Box<Parked>,
+    admission: Admission,
+    queued_ms: u128,
+    trace: &mut Trace,
+) -> Result<Dispatched, ProxyError> {
     let config = shared.config.load_full();
     let Parked {
         parts,
@@ -331,7 +375,7 @@ async fn resume(
         peeked,
         ..
     } = *parked;
-    let dispatched = Box::pin(dispatch(
+    dispatch(
         shared,
         &config,
         parts,
@@ -343,15 +387,10 @@ async fn resume(
             prefer_async: false,
         },
         Some((admission, queued_ms)),
-        budget_headers,
-        upstream_wait,
-    ))
-    .await?;
-    match dispatched {
-        Dispatched::Response(resp) => Ok(resp),
-        // Cannot happen: a request resumed with an admission is not parked again.
-        Dispatched::Park(_) => Err(ProxyError::NotYet),
-    }
+        &mut trace.budget_headers,
+        &mut trace.upstream_wait,
+    )
+    .await
 }
 
 /// Admission, degrade and forwarding of an identified request whose body was peeked.
