@@ -302,10 +302,9 @@ pub(crate) struct Parked {
     /// The body as hyper handed it out: a slice of the connection's read buffer, let go
     /// of once the request is parked (see [`resume`]).
     read_buffer: Option<Bytes>,
+    /// The path and query are read again from `parts.uri` once released.
     parts: http::request::Parts,
     ident: Identity,
-    full_path: String,
-    query: Option<String>,
     peeked: PeekedBody,
     entry: Arc<AgentLedger>,
     estimate: u64,
@@ -370,11 +369,11 @@ async fn dispatch_released(
     let Parked {
         parts,
         ident,
-        full_path,
-        query,
         peeked,
         ..
     } = *parked;
+    let full_path = parts.uri.path().to_string();
+    let query = parts.uri.query().map(str::to_string);
     dispatch(
         shared,
         &config,
@@ -497,8 +496,6 @@ pub(crate) async fn dispatch(
                 read_buffer: Some(read_buffer),
                 parts,
                 ident: ident.clone(),
-                full_path: full_path.to_string(),
-                query,
                 peeked,
                 entry,
                 estimate,
