@@ -313,8 +313,6 @@ async fn run_one(shared: &Arc<Shared>, job: Job) -> bool {
         },
         dynamic: config.agent(&job.agent).is_none(),
     };
-    let mut headers = None;
-    let mut wait = Duration::ZERO;
     let peeked = PeekedBody::from_bytes(Bytes::from(job.body.clone()));
     let result = dispatch(
         shared,
@@ -326,8 +324,7 @@ async fn run_one(shared: &Arc<Shared>, job: Job) -> bool {
         peeked,
         Origin::Job,
         None,
-        &mut headers,
-        &mut wait,
+        &mut super::Trace::default(),
     )
     .await;
     let (status, rheaders, body) = match result {

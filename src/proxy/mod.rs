@@ -122,7 +122,7 @@ impl BudgetHeaders {
 
 /// What handling a request learnt for its response headers and metrics.
 #[derive(Default)]
-struct Trace {
+pub(crate) struct Trace {
     budget_headers: Option<BudgetHeaders>,
     upstream_wait: Duration,
 }
@@ -282,8 +282,7 @@ async fn identify_and_dispatch(
         peeked,
         Origin::Client { prefer_async },
         None,
-        &mut trace.budget_headers,
-        &mut trace.upstream_wait,
+        trace,
     )
     .await
 }
@@ -386,8 +385,7 @@ async fn dispatch_released(
             prefer_async: false,
         },
         Some((admission, queued_ms)),
-        &mut trace.budget_headers,
-        &mut trace.upstream_wait,
+        trace,
     )
     .await
 }
@@ -404,8 +402,7 @@ pub(crate) async fn dispatch(
     mut peeked: PeekedBody,
     origin: Origin,
     resumed: Option<(Admission, u128)>,
-    budget_headers: &mut Option<BudgetHeaders>,
-    upstream_wait: &mut Duration,
+    trace: &mut Trace,
 ) -> Result<Dispatched, ProxyError> {
     let path = match &full_path[ident.prefix_len..] {
         "" => "/",
@@ -465,12 +462,12 @@ pub(crate) async fn dispatch(
         if let Decision::Queue { retry_after_secs } = admission.decision {
             headers.action = "block";
             headers.remaining_tokens = 0;
-            *budget_headers = Some(headers.clone());
+            trace.budget_headers = Some(headers.clone());
             match origin {
                 Origin::Job => return Err(ProxyError::NotYet),
                 Origin::Client { prefer_async: true } => {
                     headers.action = "queued";
-                    *budget_headers = Some(headers);
+                    trace.budget_headers = Some(headers);
                     let prefix = &full_path[..ident.prefix_len];
                     return Box::pin(jobs::defer(
                         shared,
@@ -518,11 +515,11 @@ pub(crate) async fn dispatch(
                 // Budgeted requests are model calls, so `call` is present.
                 if let Some(c) = call {
                     if degrade_reads_body(c.method) {
-                        *budget_headers = Some(headers.clone());
+                        trace.budget_headers = Some(headers.clone());
                         peeked = peeked.read_all(shared.settings.max_body_bytes).await?;
                         if let Some(cached) = gbody::cached_content(&peeked.head) {
                             if c.model != fallback {
-                                *budget_headers = Some(BudgetHeaders {
+                                trace.budget_headers = Some(BudgetHeaders {
                                     action: "block",
                                     remaining_tokens: 0,
                                     model: None,
@@ -555,7 +552,7 @@ pub(crate) async fn dispatch(
             Decision::Block { retry_after_secs } | Decision::Queue { retry_after_secs } => {
                 headers.action = "block";
                 headers.remaining_tokens = 0;
-                *budget_headers = Some(headers);
+                trace.budget_headers = Some(headers);
                 return Err(ProxyError::BudgetExhausted {
                     message: exhausted_message(&ident.agent, budget, admission.resets_at),
                     retry_after_secs,
@@ -566,10 +563,10 @@ pub(crate) async fn dispatch(
             headers.action = "queued";
             headers.queued_ms = Some(ms);
         }
-        *budget_headers = Some(headers);
+        trace.budget_headers = Some(headers);
         reservation = admission.reservation;
     } else {
-        *budget_headers = Some(BudgetHeaders {
+        trace.budget_headers = Some(BudgetHeaders {
             agent_id: entry.id_arc(),
             agent: agent_header.clone(),
             remaining_tokens: shared.ledger.remaining(&entry, budget, now),
@@ -619,7 +616,7 @@ pub(crate) async fn dispatch(
         shared.client.request(upstream_req),
     )
     .await;
-    *upstream_wait = sent_at.elapsed();
+    trace.upstream_wait = sent_at.elapsed();
     let resp = match sent {
         Err(_) => {
             return Err(ProxyError::UpstreamTimeout {
@@ -638,7 +635,7 @@ pub(crate) async fn dispatch(
 
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
-    if let Some(h) = budget_headers.as_ref() {
+    if let Some(h) = trace.budget_headers.as_ref() {
         h.apply(&mut rparts.headers);
     }
     rewrite_upload_url(&mut rparts.headers, &public_base, full_path);
