@@ -9,7 +9,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use std::borrow::Borrow;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,74 +45,10 @@ impl TokenKind {
     }
 }
 
-/// FxHash (the rustc hasher): the metric maps are keyed by short strings of a bounded set
-/// (configured agents, at most `max_dynamic_agents` others, and model names), bumped on
-/// every request; SipHash's cost buys nothing there.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct FxBuild;
-
-/// The hasher of [`FxBuild`].
-#[derive(Debug, Default, Clone, Copy)]
-pub struct FxHasher(u64);
-
-const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-
-impl FxHasher {
-    #[inline]
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
-    }
-}
-
-impl Hasher for FxHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            self.add(u64::from_le_bytes(w));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut w = [0u8; 8];
-            w[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(w));
-        }
-    }
-    #[inline]
-    fn write_u8(&mut self, n: u8) {
-        self.add(u64::from(n));
-    }
-    #[inline]
-    fn write_u16(&mut self, n: u16) {
-        self.add(u64::from(n));
-    }
-    #[inline]
-    fn write_u32(&mut self, n: u32) {
-        self.add(u64::from(n));
-    }
-    #[inline]
-    fn write_u64(&mut self, n: u64) {
-        self.add(n);
-    }
-    #[inline]
-    fn write_usize(&mut self, n: usize) {
-        self.add(n as u64);
-    }
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-impl BuildHasher for FxBuild {
-    type Hasher = FxHasher;
-    #[inline]
-    fn build_hasher(&self) -> FxHasher {
-        FxHasher::default()
-    }
-}
+/// The metric maps are keyed by short strings of a bounded set (configured agents, at most
+/// `max_dynamic_agents` others, and model names) and bumped on every request: hashed with
+/// foldhash (as the ledger and the queues are) rather than SipHash.
+type MetricHasher = foldhash::fast::RandomState;
 
 /// Key of the request counters: agent, budget action, HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -261,9 +197,9 @@ impl EncodeMetric for Histogram {
 /// Counters bumped by the proxy.
 #[derive(Debug)]
 pub struct Metrics {
-    requests: DashMap<RequestKey, AtomicU64, FxBuild>,
+    requests: DashMap<RequestKey, AtomicU64, MetricHasher>,
     /// Per (agent, model): prompt, completion, cached, total (in [`TokenKind::ALL`] order).
-    tokens: DashMap<TokenKey, [AtomicU64; 4], FxBuild>,
+    tokens: DashMap<TokenKey, [AtomicU64; 4], MetricHasher>,
     /// Seconds from sending upstream to the upstream's response headers.
     pub upstream_latency: Histogram,
     /// Seconds the proxy itself spent on a request before and after the upstream call.
@@ -273,8 +209,8 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
-            requests: DashMap::with_hasher(FxBuild),
-            tokens: DashMap::with_hasher(FxBuild),
+            requests: DashMap::with_hasher(MetricHasher::default()),
+            tokens: DashMap::with_hasher(MetricHasher::default()),
             upstream_latency: Histogram::exponential(0.001, 2.0, 18),
             proxy_overhead: Histogram::exponential(0.000_005, 2.0, 16),
         }
