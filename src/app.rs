@@ -140,6 +140,7 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
 
     let upstream = upstream::Upstream::parse(&opts.upstream)?;
     let client = upstream::client(
+        &upstream,
         opts.upstream_ca.as_deref(),
         upstream::Timeouts {
             connect: opts.connect_timeout,

@@ -4,6 +4,7 @@
 //! client goes away — after draining the rest of the upstream body in the background
 //! (bounded by the drain timeout), so the usage Google bills is still recorded.
 
+use super::upstream::Lease;
 use super::Shared;
 use crate::budget::ledger::{Charge, Reservation};
 use crate::budget::pricing::cost_pico;
@@ -114,18 +115,24 @@ pub struct MeteredBody {
     inner: Option<Incoming>,
     /// Boxed: most of a body's life is spent being polled, and the meter is large.
     meter: Option<Box<Meter>>,
+    /// The HTTP/1.1 connection the body comes on: back to the pool at the body's end.
+    lease: Lease,
 }
 
 impl MeteredBody {
     /// Wrap `inner`; `meter` is `None` for responses that are not budgeted.
-    pub fn new(inner: Incoming, meter: Option<Meter>) -> Self {
+    pub fn new(inner: Incoming, meter: Option<Meter>, lease: Lease) -> Self {
         Self {
             inner: Some(inner),
             meter: meter.map(Box::new),
+            lease,
         }
     }
 
     fn finish(&mut self, ending: Ending) {
+        if ending == Ending::Complete {
+            self.lease.release();
+        }
         if let Some(m) = self.meter.take() {
             m.finish(ending);
         }
@@ -181,25 +188,31 @@ impl Body for MeteredBody {
 impl Drop for MeteredBody {
     fn drop(&mut self) {
         let Some(meter) = self.meter.take() else {
+            // Not metered: a body left before its end closes its connection (the lease
+            // is dropped), as nothing needs the rest of it.
             return;
         };
         let inner = match self.inner.take() {
             Some(b) if !b.is_end_stream() => b,
-            _ => return meter.finish(Ending::Complete),
+            _ => {
+                self.lease.release();
+                return meter.finish(Ending::Complete);
+            }
         };
         // The client went away mid-body: keep reading the upstream so the usage that
         // Google bills is recorded, within the drain timeout.
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 let tracker = meter.shared.drains.clone();
-                tracker.spawn_on(drain(inner, meter), &rt);
+                let lease = std::mem::take(&mut self.lease);
+                tracker.spawn_on(drain(inner, meter, lease), &rt);
             }
             Err(_) => meter.finish(Ending::Cut),
         }
     }
 }
 
-async fn drain(mut body: Incoming, mut meter: Box<Meter>) {
+async fn drain(mut body: Incoming, mut meter: Box<Meter>, mut lease: Lease) {
     let timeout = meter.shared.settings.drain_timeout;
     tracing::debug!(target: "proxy", agent = %meter.reservation.agent(), "client left mid-stream; draining upstream");
     let read = async {
@@ -218,5 +231,8 @@ async fn drain(mut body: Incoming, mut meter: Box<Meter>) {
     let ending = tokio::time::timeout(timeout, read)
         .await
         .unwrap_or(Ending::DrainTimedOut);
+    if ending == Ending::Complete {
+        lease.release();
+    }
     meter.finish(ending);
 }

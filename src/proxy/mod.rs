@@ -586,8 +586,8 @@ pub(crate) async fn dispatch(
         .upstream
         .uri(&upstream_path, query.as_deref())
         .map_err(|e| ProxyError::BadRequestBody(format!("cannot build the upstream URL: {e}")))?;
+    // (`Host` is the client's business: set per protocol, see `upstream`.)
     strip_hop_by_hop(&mut parts.headers);
-    shared.upstream.set_host(&mut parts.headers);
     if ident.substitute_key == Some(KeyPlace::Header) {
         let key = shared
             .settings
@@ -606,8 +606,6 @@ pub(crate) async fn dispatch(
         None => peeked.into_forward(),
     };
     parts.uri = uri;
-    // The client picks the upstream protocol (ALPN for https); never carry the inbound one.
-    parts.version = http::Version::HTTP_11;
     let upstream_req = Request::from_parts(parts, body);
 
     let sent_at = std::time::Instant::now();
@@ -617,7 +615,7 @@ pub(crate) async fn dispatch(
     )
     .await;
     trace.upstream_wait = sent_at.elapsed();
-    let resp = match sent {
+    let (resp, lease) = match sent {
         Err(_) => {
             return Err(ProxyError::UpstreamTimeout {
                 upstream: shared.upstream.display.clone(),
@@ -630,7 +628,7 @@ pub(crate) async fn dispatch(
                 reason: error_chain(&e),
             })
         }
-        Ok(Ok(resp)) => resp,
+        Ok(Ok(sent)) => sent,
     };
 
     let (mut rparts, rbody) = resp.into_parts();
@@ -642,7 +640,7 @@ pub(crate) async fn dispatch(
     let meter = reservation.map(|r| Meter::new(r, model, shared.clone()));
     Ok(Dispatched::Response(Response::from_parts(
         rparts,
-        ResponseBody::Metered(MeteredBody::new(rbody, meter)),
+        ResponseBody::Metered(MeteredBody::new(rbody, meter, lease)),
     )))
 }
 

@@ -1,32 +1,42 @@
 //! The upstream: its base URL and the pooled client (rustls for https, HTTP/2 by ALPN).
 //!
-//! The client offers ALPN `h2` then `http/1.1`: against Google every request of the
-//! process shares a few HTTP/2 connections (multiplexed streams); an upstream without h2
-//! gets pooled HTTP/1.1 keep-alive connections. TCP connect plus TLS handshake are bounded
-//! by `--connect-timeout`, idle pooled connections are closed after
-//! `--upstream-idle-timeout`. A certificate the client rejects fails the connect with an
-//! error naming the reason (e.g. `invalid peer certificate: UnknownIssuer`) and a hint
-//! about `--upstream-ca`; the proxy turns it into a 502.
+//! The client offers ALPN `h2` then `http/1.1`: against Google every request of a pool
+//! shares one HTTP/2 connection (multiplexed streams); an upstream without h2 gets pooled
+//! HTTP/1.1 keep-alive connections. TCP connect plus TLS handshake are bounded by
+//! `--connect-timeout`, idle pooled connections are closed after `--upstream-idle-timeout`.
+//! A certificate the client rejects fails the connect with an error naming the reason
+//! (e.g. `invalid peer certificate: UnknownIssuer`) and a hint about `--upstream-ca`; the
+//! proxy turns it into a 502.
+//!
+//! The pool is ours, over hyper's connection-level client (`hyper::client::conn`): hyper's
+//! pooled client (hyper-util's `legacy::Client`) took a lock, cloned itself, boxed two
+//! futures and spawned a task per request to put the connection back once the response
+//! was read (about 5 % of the proxy's CPU in `perf`, see benches/README.md). Here an
+//! HTTP/1.1 connection travels with its response body as a [`Lease`], and goes back to the
+//! pool when the metered body has read the end of it; a body dropped before its end closes
+//! the connection (it cannot carry another request).
 //!
 //! On the proxy port's I/O threads (see `crate::server`: each runs its own single-threaded
 //! runtime), every thread has its own pool, so a request, its upstream connection and that
 //! connection's task stay on one thread: no cross-thread wake-ups per request. Elsewhere
-//! (tests, other runtimes) one pool is shared, as before.
+//! (tests, other runtimes) one pool is shared.
 
 use super::body::RequestBody;
 use anyhow::Context as _;
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The parsed `--upstream` base URL.
 #[derive(Debug, Clone)]
@@ -39,9 +49,7 @@ pub struct Upstream {
     pub base_path: String,
     /// As given, for messages.
     pub display: String,
-    /// The `Host` header of requests over HTTP/1.1 to an `http://` upstream, made once: the
-    /// client would otherwise format it for every request. (`https://` upstreams negotiate
-    /// the protocol by ALPN; the client sets the header, or `:authority` on HTTP/2.)
+    /// The `Host` header of requests over HTTP/1.1, made once (HTTP/2 sends `:authority`).
     host_header: Option<http::HeaderValue>,
 }
 
@@ -62,17 +70,14 @@ impl Upstream {
             .authority()
             .cloned()
             .with_context(|| format!("--upstream {url:?} needs a host"))?;
-        // As the client does it: the host, and the port unless it is the scheme's default.
-        let host_header = (scheme == Scheme::HTTP)
-            .then(|| {
-                let host = authority.host();
-                let value = match authority.port_u16() {
-                    Some(port) if port != 80 => format!("{host}:{port}"),
-                    _ => host.to_string(),
-                };
-                http::HeaderValue::from_str(&value).ok()
-            })
-            .flatten();
+        // The host, and the port unless it is the scheme's default.
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host = authority.host();
+        let host_header = http::HeaderValue::from_str(&match authority.port_u16() {
+            Some(port) if port != default_port => format!("{host}:{port}"),
+            _ => host.to_string(),
+        })
+        .ok();
         Ok(Self {
             scheme,
             authority,
@@ -80,18 +85,6 @@ impl Upstream {
             base_path: uri.path().trim_end_matches('/').to_string(),
             display: url.trim_end_matches('/').to_string(),
         })
-    }
-
-    /// Replace the client's `Host` with the upstream's (or drop it, for the client to set).
-    pub fn set_host(&self, headers: &mut http::HeaderMap) {
-        match &self.host_header {
-            Some(h) => {
-                headers.insert(http::header::HOST, h.clone());
-            }
-            None => {
-                headers.remove(http::header::HOST);
-            }
-        }
     }
 
     /// The upstream URI for a forwarded path and query.
@@ -113,16 +106,15 @@ impl Upstream {
     }
 }
 
-type Pooled = Client<Connector, RequestBody>;
-
-/// The pooled upstream client: one pool for the process, or one per I/O thread there.
+/// The upstream client: one pool for the process, or one per I/O thread there.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
     /// The shared pool (used outside the I/O threads).
-    shared: Pooled,
+    shared: Arc<Pool>,
     /// What the per-thread pools are built from (same connector, same settings).
     connector: Connector,
     idle: Duration,
+    upstream: Upstream,
     /// Tells this client's per-thread pools apart from other clients' (tests run several).
     id: u64,
 }
@@ -133,7 +125,7 @@ thread_local! {
     /// Set on the proxy port's I/O threads: requests made there use a pool of the thread.
     static THREAD_POOLS: Cell<bool> = const { Cell::new(false) };
     /// The pools of this thread, by client id.
-    static POOLS: RefCell<Vec<(u64, Pooled)>> = const { RefCell::new(Vec::new()) };
+    static POOLS: RefCell<Vec<(u64, Arc<Pool>)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Make requests of the current thread use a pool of their own (called once by each of the
@@ -143,34 +135,315 @@ pub fn use_thread_pools() {
 }
 
 impl UpstreamClient {
-    /// Send a request (the pool of this I/O thread, or the shared one).
-    pub fn request(&self, req: http::Request<RequestBody>) -> ResponseFuture {
+    /// Send a request (on a connection of this I/O thread's pool, or of the shared one).
+    /// The URI must be absolute (the upstream's scheme and authority): the pool puts it in
+    /// the form the connection's protocol wants and sets `Host` (HTTP/1.1) or leaves it to
+    /// `:authority` (HTTP/2). The [`Lease`] goes with the response body: see
+    /// [`Lease::release`].
+    pub async fn request(
+        &self,
+        req: http::Request<RequestBody>,
+    ) -> Result<(http::Response<Incoming>, Lease), UpstreamError> {
+        self.pool().send(req).await
+    }
+
+    fn pool(&self) -> Arc<Pool> {
         if !THREAD_POOLS.with(Cell::get) {
-            return self.shared.request(req);
+            return self.shared.clone();
         }
         POOLS.with(|pools| {
             let mut pools = pools.borrow_mut();
-            let i = match pools.iter().position(|(id, _)| *id == self.id) {
-                Some(i) => i,
-                None => {
-                    pools.push((self.id, build(self.connector.clone(), self.idle)));
-                    pools.len() - 1
-                }
-            };
-            pools[i].1.request(req)
+            if let Some((_, pool)) = pools.iter().find(|(id, _)| *id == self.id) {
+                return pool.clone();
+            }
+            let pool = Pool::new(self.connector.clone(), self.idle, self.upstream.clone());
+            pools.push((self.id, pool.clone()));
+            pool
         })
     }
 }
 
-fn build(connector: Connector, idle: Duration) -> Pooled {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(idle)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_max_idle_per_host(1024)
-        .build(connector)
+/// Why a request could not be sent or got no response head.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// TCP, TLS (the source names the reason) or the connect timeout.
+    #[error("cannot connect")]
+    Connect(#[source] BoxError),
+    /// The connection was made but HTTP/1.1 or HTTP/2 could not start on it.
+    #[error("HTTP handshake failed")]
+    Handshake(#[source] hyper::Error),
+    /// The request failed on the connection (closed, reset, malformed response).
+    #[error("request failed")]
+    Send(#[source] hyper::Error),
 }
 
+/// Idle HTTP/1.1 connections kept per pool at most (hyper-util's pool had the same cap).
+const MAX_IDLE: usize = 1024;
+
+/// The connections of one pool: idle HTTP/1.1 ones (most recently used last) and the
+/// HTTP/2 one, which every request of the pool shares while it is open.
+struct Pool {
+    state: Mutex<PoolState>,
+    connector: Connector,
+    /// `--upstream-idle-timeout`: unused connections are closed after it.
+    idle_timeout: Duration,
+    upstream: Upstream,
+    /// The idle sweeper is started with the first connection.
+    sweeping: AtomicBool,
+}
+
+#[derive(Default)]
+struct PoolState {
+    idle: Vec<Idle>,
+    /// The shared HTTP/2 connection and when a request last took it.
+    h2: Option<(http2::SendRequest<RequestBody>, Instant)>,
+}
+
+struct Idle {
+    conn: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("upstream", &self.upstream.display)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection checked out for one request.
+enum Conn {
+    H1(http1::SendRequest<RequestBody>),
+    H2(http2::SendRequest<RequestBody>),
+}
+
+/// An HTTP/1.1 connection lent to a response: it carries the response body, and can take
+/// another request only once that body was read to its end.
+#[derive(Debug, Default)]
+pub struct Lease(Option<(Arc<Pool>, http1::SendRequest<RequestBody>)>);
+
+impl Lease {
+    /// The response body was read to its end: the connection goes back to its pool.
+    /// (Dropping a lease instead closes the connection.)
+    pub fn release(&mut self) {
+        if let Some((pool, conn)) = self.0.take() {
+            pool.put(conn);
+        }
+    }
+}
+
+fn lock(state: &Mutex<PoolState>) -> std::sync::MutexGuard<'_, PoolState> {
+    // The state holds no invariant a panic could break halfway: use it as it is.
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Pool {
+    fn new(connector: Connector, idle_timeout: Duration, upstream: Upstream) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(PoolState::default()),
+            connector,
+            idle_timeout,
+            upstream,
+            sweeping: AtomicBool::new(false),
+        })
+    }
+
+    async fn send(
+        self: Arc<Self>,
+        mut req: http::Request<RequestBody>,
+    ) -> Result<(http::Response<Incoming>, Lease), UpstreamError> {
+        loop {
+            let (conn, reused) = match self.checkout() {
+                Some(conn) => (conn, true),
+                // Boxed: connecting (TLS, HTTP/2 handshake) is a large future, and rare.
+                None => (Box::pin(self.connect()).await?, false),
+            };
+            let sent = match conn {
+                Conn::H2(mut conn) => {
+                    self.http2_form(&mut req);
+                    conn.try_send_request(req)
+                        .await
+                        .map(|resp| (resp, Lease(None)))
+                }
+                Conn::H1(mut conn) => {
+                    self.http1_form(&mut req);
+                    match conn.try_send_request(req).await {
+                        Ok(resp) => Ok((resp, Lease(Some((self.clone(), conn))))),
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            match sent {
+                Ok(sent) => return Ok(sent),
+                Err(mut e) => match e.take_message() {
+                    // A pooled connection that closed before the request went out (the
+                    // upstream timed it out): nothing was sent, try another one. A fresh
+                    // connection failing the same way is the upstream's answer.
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(UpstreamError::Send(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// A connection that can take a request now: the HTTP/2 one, else the most recently
+    /// used idle HTTP/1.1 one. Closed and expired connections met on the way are dropped.
+    fn checkout(&self) -> Option<Conn> {
+        let now = Instant::now();
+        let mut st = lock(&self.state);
+        if let Some((conn, used)) = st.h2.as_mut() {
+            if !conn.is_closed() {
+                *used = now;
+                return Some(Conn::H2(conn.clone()));
+            }
+            st.h2 = None;
+        }
+        let mut i = st.idle.len();
+        while i > 0 {
+            i -= 1;
+            let idle = &st.idle[i];
+            if idle.conn.is_closed() || now.duration_since(idle.since) >= self.idle_timeout {
+                st.idle.remove(i);
+            } else if idle.conn.is_ready() {
+                return Some(Conn::H1(st.idle.remove(i).conn));
+            }
+            // Else its last response is still finishing: leave it for a later request.
+        }
+        None
+    }
+
+    /// Back from a response read to its end.
+    fn put(self: &Arc<Self>, conn: http1::SendRequest<RequestBody>) {
+        if conn.is_closed() {
+            return;
+        }
+        {
+            let mut st = lock(&self.state);
+            if st.idle.len() >= MAX_IDLE {
+                return;
+            }
+            st.idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+        self.start_sweeper();
+    }
+
+    /// Connect (DNS, TCP, TLS with ALPN), then start HTTP/2 or HTTP/1.1 on the connection
+    /// and run it in a task of the current runtime.
+    async fn connect(self: &Arc<Self>) -> Result<Conn, UpstreamError> {
+        use tower_service::Service as _;
+        let uri = http::Uri::builder()
+            .scheme(self.upstream.scheme.clone())
+            .authority(self.upstream.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| UpstreamError::Connect(e.into()))?;
+        let io = self
+            .connector
+            .clone()
+            .call(uri)
+            .await
+            .map_err(UpstreamError::Connect)?;
+        if io.connected().is_negotiated_h2() {
+            let (conn, driver) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(UpstreamError::Handshake)?;
+            tokio::spawn(async move {
+                if let Err(e) = driver.await {
+                    tracing::debug!(target: "upstream", error = %e, "HTTP/2 connection ended");
+                }
+            });
+            lock(&self.state).h2 = Some((conn.clone(), Instant::now()));
+            self.start_sweeper();
+            Ok(Conn::H2(conn))
+        } else {
+            let (conn, driver) = http1::handshake(io)
+                .await
+                .map_err(UpstreamError::Handshake)?;
+            tokio::spawn(async move {
+                if let Err(e) = driver.await {
+                    tracing::debug!(target: "upstream", error = %e, "HTTP/1.1 connection ended");
+                }
+            });
+            Ok(Conn::H1(conn))
+        }
+    }
+
+    /// Close connections unused for `--upstream-idle-timeout`: a task of the runtime that
+    /// made the pool's first connection, which ends with the pool.
+    fn start_sweeper(self: &Arc<Self>) {
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.sweeping.store(false, Ordering::Relaxed);
+            return;
+        };
+        let pool: Weak<Self> = Arc::downgrade(self);
+        let every = (self.idle_timeout / 2).max(Duration::from_millis(50));
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(pool) = pool.upgrade() else {
+                    return;
+                };
+                pool.sweep(Instant::now());
+            }
+        });
+    }
+
+    fn sweep(&self, now: Instant) {
+        let mut st = lock(&self.state);
+        let timeout = self.idle_timeout;
+        st.idle
+            .retain(|i| !i.conn.is_closed() && now.duration_since(i.since) < timeout);
+        if st
+            .h2
+            .as_ref()
+            .is_some_and(|(c, used)| c.is_closed() || now.duration_since(*used) >= timeout)
+        {
+            st.h2 = None;
+        }
+    }
+
+    /// HTTP/1.1 wants the origin form (`/path?query`) and a `Host` header.
+    fn http1_form(&self, req: &mut http::Request<RequestBody>) {
+        if req.uri().scheme().is_some() {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = http::Uri::from(pq);
+        }
+        if let Some(host) = &self.upstream.host_header {
+            req.headers_mut().insert(http::header::HOST, host.clone());
+        }
+        *req.version_mut() = http::Version::HTTP_11;
+    }
+
+    /// HTTP/2 wants the absolute form (for `:scheme` and `:authority`) and no `Host`.
+    fn http2_form(&self, req: &mut http::Request<RequestBody>) {
+        if req.uri().scheme().is_none() {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(self.upstream.scheme.clone());
+            parts.authority = Some(self.upstream.authority.clone());
+            parts.path_and_query = req.uri().path_and_query().cloned();
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+        req.headers_mut().remove(http::header::HOST);
+        *req.version_mut() = http::Version::HTTP_2;
+    }
+}
 /// Timeouts of the upstream client.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -180,9 +453,13 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
-/// Build the client: webpki roots plus `extra_ca` (PEM), ALPN h2 then http/1.1,
-/// TCP_NODELAY, keep-alive pool.
-pub fn client(extra_ca: Option<&Path>, timeouts: Timeouts) -> anyhow::Result<UpstreamClient> {
+/// Build the client of `upstream`: webpki roots plus `extra_ca` (PEM), ALPN h2 then
+/// http/1.1, TCP_NODELAY, keep-alive pool.
+pub fn client(
+    upstream: &Upstream,
+    extra_ca: Option<&Path>,
+    timeouts: Timeouts,
+) -> anyhow::Result<UpstreamClient> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
@@ -228,9 +505,10 @@ pub fn client(extra_ca: Option<&Path>, timeouts: Timeouts) -> anyhow::Result<Ups
         timeout: timeouts.connect,
     };
     Ok(UpstreamClient {
-        shared: build(connector.clone(), timeouts.idle),
+        shared: Pool::new(connector.clone(), timeouts.idle, upstream.clone()),
         connector,
         idle: timeouts.idle,
+        upstream: upstream.clone(),
         id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
     })
 }

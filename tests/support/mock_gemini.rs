@@ -238,6 +238,10 @@ pub struct MockGemini {
     _shutdown: watch::Sender<bool>,
 }
 
+/// Bumped by [`MockGemini::close_idle_connections`]: every plain connection then shuts
+/// down gracefully (at once when idle), as an upstream closing kept-alive connections does.
+type CloseIdle = watch::Sender<u64>;
+
 impl Drop for MockGemini {
     fn drop(&mut self) {
         self.task.abort();
@@ -269,6 +273,7 @@ impl MockGemini {
             url: url.clone(),
             inner: Mutex::new(Inner::default()),
             notify: Notify::new(),
+            close_idle: watch::channel(0).0,
         });
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(accept_loop(listener, state.clone(), rx));
@@ -341,11 +346,36 @@ impl MockGemini {
     /// Resolves once at least `n` requests were received (no polling; wrap it in
     /// `tokio::time::timeout` in tests).
     pub async fn wait_for_requests(&self, n: usize) {
+        self.wait_until(|inner| inner.received.len() >= n).await;
+    }
+
+    /// Plain (not TLS) connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.lock().connections
+    }
+
+    /// Plain connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.state.lock().open_connections
+    }
+
+    /// Resolves once exactly `n` plain connections are open (wrap it in a timeout).
+    pub async fn wait_for_open_connections(&self, n: usize) {
+        self.wait_until(|inner| inner.open_connections == n).await;
+    }
+
+    /// Close every idle plain connection (a connection serving a request closes after
+    /// it), as an upstream does with kept-alive connections it no longer wants.
+    pub fn close_idle_connections(&self) {
+        self.state.close_idle.send_modify(|n| *n += 1);
+    }
+
+    async fn wait_until(&self, done: impl Fn(&Inner) -> bool) {
         loop {
             let notified = self.state.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.request_count() >= n {
+            if done(&self.state.lock()) {
                 return;
             }
             notified.await;
@@ -361,6 +391,7 @@ struct State {
     url: String,
     inner: Mutex<Inner>,
     notify: Notify,
+    close_idle: CloseIdle,
 }
 
 #[derive(Default)]
@@ -372,6 +403,9 @@ struct Inner {
     queue: VecDeque<Behavior>,
     /// TLS connections accepted (handshake done), for [`MockGemini::start_tls`] mocks.
     tls_connections: usize,
+    /// Plain connections accepted, and those of them still open.
+    connections: usize,
+    open_connections: usize,
 }
 
 impl State {
@@ -430,16 +464,31 @@ async fn accept_loop(
         let state = state.clone();
         let mut conn_shutdown = shutdown.clone();
         tokio::spawn(async move {
+            {
+                let mut inner = state.lock();
+                inner.connections += 1;
+                inner.open_connections += 1;
+            }
+            state.notify.notify_waiters();
+            let mut close_idle = state.close_idle.subscribe();
+            let svc_state = state.clone();
             let svc = service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
+                let state = svc_state.clone();
                 async move { Ok::<_, Infallible>(handle(state, req).await) }
             });
             let builder = auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
             tokio::select! {
-                _ = conn => {}
+                _ = conn.as_mut() => {}
                 _ = conn_shutdown.changed() => {}
+                _ = close_idle.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
             }
+            state.lock().open_connections -= 1;
+            state.notify.notify_waiters();
         });
     }
 }
@@ -1116,6 +1165,7 @@ impl MockGemini {
             url: url.clone(),
             inner: Mutex::new(Inner::default()),
             notify: Notify::new(),
+            close_idle: watch::channel(0).0,
         });
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(tls_accept_loop(listener, acceptor, state.clone(), rx));

@@ -1,0 +1,131 @@
+//! The upstream connection pool (`proxy::upstream`) against a real mock Gemini over plain
+//! HTTP/1.1: connections are kept alive and reused once a response was read to its end,
+//! an upstream closing them costs no request, and idle ones close after
+//! `--upstream-idle-timeout`. (HTTP/2 sharing over TLS is in tests/tls.rs.)
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::mock_gemini::Behavior;
+use common::{hello, Harness, CONFIG};
+use futures_util::StreamExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn sequential_requests_share_one_kept_alive_connection_with_the_upstream_host() {
+    let h = Harness::start(CONFIG).await;
+    for _ in 0..5 {
+        let r = h.generate("sage").await;
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    }
+    // Not metered (countTokens): the connection comes back all the same.
+    let r = h
+        .http
+        .post(h.url("/agents/sage/v1beta/models/gemini-2.5-flash:countTokens"))
+        .json(&hello())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
+    let r = h.generate("sage").await;
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
+
+    let received = h.mock.received();
+    assert_eq!(received.len(), 7);
+    let host = h.mock.addr.to_string();
+    for got in &received {
+        assert_eq!(got.version, http::Version::HTTP_11);
+        // The upstream's host, not the proxy's that the client sent.
+        assert_eq!(got.header("host"), Some(host.as_str()));
+    }
+    assert_eq!(
+        h.mock.connections(),
+        1,
+        "7 requests one after the other should use one upstream connection"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_idle_connections_costs_no_request() {
+    let h = Harness::start(CONFIG).await;
+    for round in 1..=3 {
+        let r = h.generate("sage").await;
+        assert_eq!(r.status(), 200, "round {round}");
+        r.text().await.unwrap();
+        // The upstream drops its kept-alive connection (as Google does after a while).
+        h.mock.close_idle_connections();
+        tokio::time::timeout(WAIT, h.mock.wait_for_open_connections(0))
+            .await
+            .unwrap();
+    }
+    let r = h.generate("sage").await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(h.mock.request_count(), 4);
+    assert_eq!(h.mock.connections(), 4);
+    assert_eq!(h.used("sage").await, 4 * 30);
+}
+
+#[tokio::test]
+async fn idle_connections_close_after_the_idle_timeout() {
+    let h = Harness::start_with(CONFIG, Arc::new(budget_proxy::clock::SystemClock), |o| {
+        o.upstream_idle_timeout = Duration::from_millis(200)
+    })
+    .await;
+    let r = h.generate("sage").await;
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
+    assert_eq!(h.mock.open_connections(), 1);
+    // The proxy closes it: nobody else would.
+    tokio::time::timeout(WAIT, h.mock.wait_for_open_connections(0))
+        .await
+        .unwrap();
+    let r = h.generate("sage").await;
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
+    assert_eq!(h.mock.connections(), 2);
+}
+
+#[tokio::test]
+async fn a_stream_drained_after_its_client_left_gives_its_connection_back() {
+    let h = Harness::start(CONFIG).await;
+    h.mock.set_behavior(
+        Behavior::new()
+            .usage(10, 100, 0)
+            .chunks(4)
+            .chunk_delay(Duration::from_millis(30)),
+    );
+    let r = h
+        .http
+        .post(h.url("/agents/sage/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"))
+        .json(&hello())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    // The client leaves after the first chunk; the proxy reads the rest for the usage.
+    drop(body);
+    tokio::time::timeout(WAIT, async {
+        while h.used("sage").await != 110 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    h.mock.set_behavior(Behavior::new());
+    let r = h.generate("sage").await;
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
+    assert_eq!(
+        h.mock.connections(),
+        1,
+        "the drained connection should have carried the next request"
+    );
+}
