@@ -26,7 +26,10 @@ fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 echo "building (release)" >&2
-cargo build --release --quiet --bin budget-proxy --example mock-gemini
+# Two builds: one with an example would build the binary with the dev-dependencies' features
+# (tokio "process"), which the shipped binary does not have.
+cargo build --release --quiet --bin budget-proxy
+cargo build --release --quiet --example mock-gemini
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
 # 10,000 idle connections need file descriptors in this shell's children.

@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-cargo build --release --bin budget-proxy --example queue-memory
+# Two builds: with an example the binary would get the dev-dependencies' tokio features.
+cargo build --release --bin budget-proxy
+cargo build --release --example queue-memory
 exec target/release/examples/queue-memory "${1:-10000}"

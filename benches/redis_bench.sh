@@ -22,7 +22,9 @@ for tool in redis-server wrk; do
 done
 
 echo "==> cargo build --release (budget-proxy, mock-gemini)" >&2
-cargo build --release --quiet --bin budget-proxy --example mock-gemini
+# Two builds: with an example the binary would get the dev-dependencies' tokio features.
+cargo build --release --quiet --bin budget-proxy
+cargo build --release --quiet --example mock-gemini
 TARGET="${CARGO_TARGET_DIR:-target}/release"
 WORK="$(mktemp -d)"
 PIDS=()

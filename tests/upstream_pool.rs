@@ -129,3 +129,30 @@ async fn a_stream_drained_after_its_client_left_gives_its_connection_back() {
         "the drained connection should have carried the next request"
     );
 }
+
+#[tokio::test]
+async fn a_response_without_a_body_gives_its_connection_back() {
+    let h = Harness::start(CONFIG).await;
+    // A HEAD response has no body: hyper never polls it, the proxy drops it unread.
+    let r = h
+        .http
+        .head(h.url("/agents/sage/v1beta/models"))
+        .send()
+        .await
+        .unwrap();
+    r.bytes().await.unwrap();
+    let r = h
+        .http
+        .get(h.url("/agents/sage/v1beta/models"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
+    assert_eq!(h.mock.request_count(), 2);
+    assert_eq!(
+        h.mock.connections(),
+        1,
+        "the HEAD's connection should have carried the GET"
+    );
+}

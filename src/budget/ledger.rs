@@ -78,9 +78,13 @@ impl ModelTotals {
     }
 }
 
+/// Model name → its totals. Updated by every settle, so hashed with foldhash (as the agent
+/// map) rather than SipHash.
+pub type ModelMap = HashMap<String, ModelTotals, foldhash::fast::RandomState>;
+
 /// Add `t` to the totals of `model`. The name is copied only the first time the model is
 /// seen (a settle used to allocate a copy of it on every call).
-fn add_to_model(by_model: &mut HashMap<String, ModelTotals>, model: &str, t: &ModelTotals) {
+fn add_to_model(by_model: &mut ModelMap, model: &str, t: &ModelTotals) {
     match by_model.get_mut(model) {
         Some(m) => m.combine(t, u64::saturating_add, u128::saturating_add),
         None => {
@@ -133,7 +137,7 @@ pub struct PeriodCounts {
     /// Cost in pico-dollars.
     pub cost_pico: u128,
     /// Per model (refusals, which name no model, are not in it).
-    pub by_model: HashMap<String, ModelTotals>,
+    pub by_model: ModelMap,
 }
 
 impl PeriodCounts {
@@ -265,7 +269,7 @@ struct AgentState {
     requests: u64,
     blocked: u64,
     cost_pico: u128,
-    by_model: HashMap<String, ModelTotals>,
+    by_model: ModelMap,
     /// Replica sync: usage sent but not yet confirmed by the shared store (any period).
     pending: Option<Box<PeriodCounts>>,
     /// Reservations in flight.
@@ -289,7 +293,7 @@ impl AgentState {
             requests: 0,
             blocked: 0,
             cost_pico: 0,
-            by_model: HashMap::new(),
+            by_model: ModelMap::default(),
             pending: None,
             in_flight: 0,
             lease: None,

@@ -188,8 +188,12 @@ impl Body for MeteredBody {
 impl Drop for MeteredBody {
     fn drop(&mut self) {
         let Some(meter) = self.meter.take() else {
-            // Not metered: a body left before its end closes its connection (the lease
-            // is dropped), as nothing needs the rest of it.
+            // Not metered: an empty body hyper never polled (HEAD, 204) gives its
+            // connection back; one left before its end closes it (the lease is dropped),
+            // as nothing needs the rest of it.
+            if self.inner.as_ref().is_some_and(Body::is_end_stream) {
+                self.lease.release();
+            }
             return;
         };
         let inner = match self.inner.take() {
