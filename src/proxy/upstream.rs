@@ -255,12 +255,17 @@ impl Pool {
         self: Arc<Self>,
         mut req: http::Request<RequestBody>,
     ) -> Result<(http::Response<Incoming>, Lease), UpstreamError> {
+        // After a pooled connection refused the request, the retry goes on a fresh one: at
+        // most two attempts, whatever state the pool is in.
+        let mut fresh_only = false;
         loop {
-            let (conn, reused) = match self.checkout() {
+            let pooled = if fresh_only { None } else { self.checkout() };
+            let (conn, reused) = match pooled {
                 Some(conn) => (conn, true),
                 // Boxed: connecting (TLS, HTTP/2 handshake) is a large future, and rare.
                 None => (Box::pin(self.connect()).await?, false),
             };
+            let h2 = matches!(conn, Conn::H2(_));
             let sent = match conn {
                 Conn::H2(mut conn) => {
                     self.http2_form(&mut req);
@@ -280,9 +285,16 @@ impl Pool {
                 Ok(sent) => return Ok(sent),
                 Err(mut e) => match e.take_message() {
                     // A pooled connection that closed before the request went out (the
-                    // upstream timed it out): nothing was sent, try another one. A fresh
-                    // connection failing the same way is the upstream's answer.
-                    Some(unsent) if reused => req = unsent,
+                    // upstream timed it out, or an HTTP/2 GOAWAY): nothing was sent, try a
+                    // fresh one. A fresh connection failing the same way is the upstream's
+                    // answer.
+                    Some(unsent) if reused => {
+                        if h2 {
+                            lock(&self.state).h2 = None;
+                        }
+                        fresh_only = true;
+                        req = unsent;
+                    }
                     _ => return Err(UpstreamError::Send(e.into_error())),
                 },
             }
