@@ -4,7 +4,7 @@
 mod common;
 
 use common::mock_gemini::Behavior;
-use common::{hello, Harness, CONFIG, REAL_KEY, VIRTUAL_KEY};
+use common::{hello, wait_until, Harness, CONFIG, REAL_KEY, VIRTUAL_KEY};
 use futures_util::StreamExt;
 use std::time::Duration;
 
@@ -733,23 +733,4 @@ async fn concurrent_requests_cannot_all_slip_under_the_limit() {
     assert!(used <= 3000 + 40, "used {used}");
     assert!(blocked > 0);
     assert_eq!(s["reserved_tokens"], 0);
-}
-
-/// Poll an async condition until it holds (settlement completes after the response).
-async fn wait_until<F, Fut>(mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

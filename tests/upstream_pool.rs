@@ -7,20 +7,27 @@
 mod common;
 
 use common::mock_gemini::Behavior;
-use common::{hello, Harness, CONFIG};
+use common::{hello, wait_until, Harness, CONFIG};
 use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// A generateContent of `sage` that must answer 200, read to its end (so its upstream
+/// connection can go back to the pool).
+async fn generate_ok(h: &Harness) {
+    let r = h.generate("sage").await;
+    let status = r.status();
+    let body = r.text().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+}
+
 #[tokio::test]
 async fn sequential_requests_share_one_kept_alive_connection_with_the_upstream_host() {
     let h = Harness::start(CONFIG).await;
     for _ in 0..5 {
-        let r = h.generate("sage").await;
-        assert_eq!(r.status(), 200);
-        r.text().await.unwrap();
+        generate_ok(&h).await;
     }
     // Not metered (countTokens): the connection comes back all the same.
     let r = h
@@ -32,9 +39,7 @@ async fn sequential_requests_share_one_kept_alive_connection_with_the_upstream_h
         .unwrap();
     assert_eq!(r.status(), 200);
     r.text().await.unwrap();
-    let r = h.generate("sage").await;
-    assert_eq!(r.status(), 200);
-    r.text().await.unwrap();
+    generate_ok(&h).await;
 
     let received = h.mock.received();
     assert_eq!(received.len(), 7);
@@ -54,18 +59,15 @@ async fn sequential_requests_share_one_kept_alive_connection_with_the_upstream_h
 #[tokio::test]
 async fn an_upstream_that_closes_idle_connections_costs_no_request() {
     let h = Harness::start(CONFIG).await;
-    for round in 1..=3 {
-        let r = h.generate("sage").await;
-        assert_eq!(r.status(), 200, "round {round}");
-        r.text().await.unwrap();
+    for _ in 1..=3 {
+        generate_ok(&h).await;
         // The upstream drops its kept-alive connection (as Google does after a while).
         h.mock.close_idle_connections();
         tokio::time::timeout(WAIT, h.mock.wait_for_open_connections(0))
             .await
             .unwrap();
     }
-    let r = h.generate("sage").await;
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    generate_ok(&h).await;
     assert_eq!(h.mock.request_count(), 4);
     assert_eq!(h.mock.connections(), 4);
     assert_eq!(h.used("sage").await, 4 * 30);
@@ -77,17 +79,13 @@ async fn idle_connections_close_after_the_idle_timeout() {
         o.upstream_idle_timeout = Duration::from_millis(200)
     })
     .await;
-    let r = h.generate("sage").await;
-    assert_eq!(r.status(), 200);
-    r.text().await.unwrap();
+    generate_ok(&h).await;
     assert_eq!(h.mock.open_connections(), 1);
     // The proxy closes it: nobody else would.
     tokio::time::timeout(WAIT, h.mock.wait_for_open_connections(0))
         .await
         .unwrap();
-    let r = h.generate("sage").await;
-    assert_eq!(r.status(), 200);
-    r.text().await.unwrap();
+    generate_ok(&h).await;
     assert_eq!(h.mock.connections(), 2);
 }
 
@@ -112,17 +110,9 @@ async fn a_stream_drained_after_its_client_left_gives_its_connection_back() {
     body.next().await.unwrap().unwrap();
     // The client leaves after the first chunk; the proxy reads the rest for the usage.
     drop(body);
-    tokio::time::timeout(WAIT, async {
-        while h.used("sage").await != 110 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap();
+    wait_until(|| async { h.used("sage").await == 110 }).await;
     h.mock.set_behavior(Behavior::new());
-    let r = h.generate("sage").await;
-    assert_eq!(r.status(), 200);
-    r.text().await.unwrap();
+    generate_ok(&h).await;
     assert_eq!(
         h.mock.connections(),
         1,

@@ -138,3 +138,22 @@ impl Harness {
 pub fn hello() -> serde_json::Value {
     serde_json::json!({"contents": [{"role": "user", "parts": [{"text": "Hello there"}]}]})
 }
+
+/// Poll an async condition until it holds (settlement completes after the response).
+pub async fn wait_until<F, Fut>(mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
