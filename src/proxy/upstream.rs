@@ -87,7 +87,8 @@ impl Upstream {
         })
     }
 
-    /// The upstream URI for a forwarded path and query.
+    /// The upstream URI for a forwarded path and query, in origin form (`/path?query`): what
+    /// HTTP/1.1 sends; the pool adds the scheme and authority on HTTP/2.
     pub fn uri(&self, path: &str, query: Option<&str>) -> Result<http::Uri, http::Error> {
         let mut pq = String::with_capacity(
             self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
@@ -98,11 +99,7 @@ impl Upstream {
             pq.push('?');
             pq.push_str(q);
         }
-        http::Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
+        Ok(http::Uri::from(PathAndQuery::try_from(pq)?))
     }
 }
 
@@ -136,9 +133,9 @@ pub fn use_thread_pools() {
 
 impl UpstreamClient {
     /// Send a request (on a connection of this I/O thread's pool, or of the shared one).
-    /// The URI must be absolute (the upstream's scheme and authority): the pool puts it in
-    /// the form the connection's protocol wants and sets `Host` (HTTP/1.1) or leaves it to
-    /// `:authority` (HTTP/2). The [`Lease`] goes with the response body: see
+    /// The URI is in origin form ([`Upstream::uri`]) or absolute: the pool puts it in the
+    /// form the connection's protocol wants (a retry may move a request from one protocol
+    /// to the other) and sets `Host` (HTTP/1.1) or leaves it to `:authority` (HTTP/2). The [`Lease`] goes with the response body: see
     /// [`Lease::release`].
     pub async fn request(
         &self,
@@ -425,7 +422,8 @@ impl Pool {
         }
     }
 
-    /// HTTP/1.1 wants the origin form (`/path?query`) and a `Host` header.
+    /// HTTP/1.1 wants the origin form (`/path?query`, as [`Upstream::uri`] makes it; absolute
+    /// after an HTTP/2 attempt) and a `Host` header.
     fn http1_form(&self, req: &mut http::Request<RequestBody>) {
         if req.uri().scheme().is_some() {
             let pq = req
