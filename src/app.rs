@@ -313,7 +313,7 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
 fn gated(
     sync: Option<RedisSync>,
     shared: Arc<Shared>,
-    req: http::Request<hyper::body::Incoming>,
+    req: http::Request<server::ClientBody>,
 ) -> server::BoxFuture<http::Response<proxy::body::ResponseBody>> {
     let Some(sync) = sync else {
         return proxy::handle(shared, req);

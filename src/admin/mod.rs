@@ -16,6 +16,7 @@ use crate::clock::Clock;
 use crate::config::live::{LiveConfig, UpdateError};
 use crate::config::valid_agent_id;
 use crate::metrics::{encode_counter, encode_gauges, Metrics};
+use crate::server::ClientBody;
 use crate::server::PeerAddr;
 use crate::store::{GroupBy, Store, UsageQuery};
 use bytes::Bytes;
@@ -23,7 +24,6 @@ use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
@@ -461,7 +461,7 @@ fn parse_time(name: &str, v: Option<String>) -> Result<Option<DateTime<Utc>>, Ad
     .transpose()
 }
 
-async fn read_json(body: Incoming) -> Result<Value, AdminError> {
+async fn read_json(body: ClientBody) -> Result<Value, AdminError> {
     let bytes = match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
@@ -497,7 +497,7 @@ static ROUTER: std::sync::LazyLock<matchit::Router<usize>> = std::sync::LazyLock
 });
 
 /// Decode a request into a command (the body is read only for updates).
-async fn decode(req: Request<Incoming>) -> Result<AdminCommand, AdminError> {
+async fn decode(req: Request<ClientBody>) -> Result<AdminCommand, AdminError> {
     let router = &*ROUTER;
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
@@ -593,7 +593,7 @@ fn check_token<B>(state: &AdminState, req: &Request<B>) -> Result<(), AdminError
 }
 
 /// Answer a request on the admin port.
-pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn handle(state: Arc<AdminState>, req: Request<ClientBody>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/healthz") => {

@@ -3,10 +3,10 @@
 
 use super::metered::MeteredBody;
 use crate::error::ProxyError;
+use crate::server::{BodyError, ClientBody};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -21,7 +21,7 @@ pub enum RequestBody {
         /// What was read to look at the start of the body.
         prefix: VecDeque<Bytes>,
         /// The remainder, streamed as it comes.
-        rest: Incoming,
+        rest: ClientBody,
     },
 }
 
@@ -35,14 +35,14 @@ pub struct PeekedBody {
     /// Total length when known (Content-Length, or the read length when complete).
     pub len: Option<u64>,
     chunks: VecDeque<Bytes>,
-    rest: Option<Incoming>,
+    rest: Option<ClientBody>,
 }
 
 impl PeekedBody {
     /// Read at most about `peek_bytes` of `body` (whole frames), refusing bodies whose
     /// declared or read length exceeds `max_bytes`.
     pub async fn read(
-        mut body: Incoming,
+        mut body: ClientBody,
         content_length: Option<u64>,
         peek_bytes: usize,
         max_bytes: usize,
@@ -170,12 +170,12 @@ fn concat(chunks: &VecDeque<Bytes>) -> Bytes {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             RequestBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::Prefixed { prefix, rest } => match prefix.pop_front() {

@@ -13,12 +13,12 @@ use crate::config::{Action, AgentBudget, Config};
 use crate::error::ProxyError;
 use crate::gemini::{body as gbody, parse_model_call, rewrite_model_in_path};
 use crate::identity::{identify, Identity, KeyPlace};
+use crate::server::ClientBody;
 use arc_swap::ArcSwap;
 use body::{PeekedBody, RequestBody, ResponseBody};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
 use http::{HeaderMap, Request, Response};
-use hyper::body::Incoming;
 use metered::{Meter, MeteredBody};
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,7 +136,7 @@ pub(crate) struct Trace {
 /// neither the request nor the large future (see benches/queue_memory.sh).
 pub fn handle(
     shared: Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> crate::server::BoxFuture<Response<ResponseBody>> {
     let started = std::time::Instant::now();
     let forwarded = Box::pin(forward(shared.clone(), req));
@@ -224,7 +224,7 @@ pub(crate) enum Origin {
 
 async fn forward(
     shared: Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> (Result<Dispatched, ProxyError>, Trace) {
     let mut trace = Trace::default();
     let result = identify_and_dispatch(&shared, req, &mut trace).await;
@@ -234,7 +234,7 @@ async fn forward(
 /// Identify the agent, peek the body, and dispatch.
 async fn identify_and_dispatch(
     shared: &Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     trace: &mut Trace,
 ) -> Result<Dispatched, ProxyError> {
     let config = shared.config.load_full();

@@ -18,9 +18,13 @@
 //! accept loop, the admin port and everything else stay on the main runtime. With 0 (the
 //! default of the library, used by tests) connections run on the runtime that serves.
 
+mod http1;
+
 use crate::tls::{Secure, HANDSHAKE_TIMEOUT};
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -28,8 +32,10 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -132,6 +138,48 @@ async fn sniff(stream: &TcpStream) -> Sniffed {
     }
 }
 
+/// The error of a request body: hyper's, or our HTTP/1.1 connection's.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request's body as handlers receive it: from our HTTP/1.1 connection (plain HTTP/1.1,
+/// see [`http1`]) or from hyper (HTTP/2, and everything over TLS).
+#[derive(Debug)]
+pub enum ClientBody {
+    /// From hyper's servers.
+    Hyper(Incoming),
+    /// From our HTTP/1.1 connection.
+    Own(http1::RecvBody),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ClientBody::Own(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Own(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A boxed, sendable future: what a handler returns. Boxed because hyper keeps one slot of
 /// the service future's size in every connection, idle or not.
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
@@ -148,9 +196,9 @@ pub async fn serve<H, B>(
     name: &'static str,
 ) -> usize
 where
-    H: Fn(Request<Incoming>) -> BoxFuture<Response<B>> + Send + Sync + 'static,
+    H: Fn(Request<ClientBody>) -> BoxFuture<Response<B>> + Send + Sync + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
     let handler = Arc::new(handler);
     let stop = shutdown.clone();
@@ -164,7 +212,7 @@ where
     // The same settings as `builder`'s, for connections whose protocol is known.
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.max_concurrent_streams(1024);
-    let plain = Arc::new((http1::Builder::new(), h2, builder));
+    let plain = Arc::new((h2, builder));
     let tag_peer = tags_peer(name);
     let io_threads = match IO_THREADS.load(Ordering::Relaxed) {
         n if n > 0 && name == "proxy" => io_pool(n),
@@ -187,7 +235,8 @@ where
         let _ = stream.set_nodelay(true);
         let h = handler.clone();
         let secure = tls.is_some();
-        let svc = service_fn(move |mut req: Request<Incoming>| {
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let mut req = req.map(ClientBody::Hyper);
             if tag_peer {
                 req.extensions_mut().insert(PeerAddr(peer));
             }
@@ -202,22 +251,25 @@ where
         let acceptor = tls.clone();
         let mut stop = stop.clone();
         let builders = plain.clone();
+        let own = handler.clone();
         let run = move |stream: TcpStream| async move {
             let Some(acceptor) = acceptor else {
                 let sniffed = tokio::select! {
                     s = sniff(&stream) => s,
                     _ = stop.wait_for(|s| *s) => return,
                 };
+                if sniffed == Sniffed::Http1 {
+                    // Shutdown waits for this connection while the watcher lives; `stop`
+                    // tells the connection to finish its request and close.
+                    let _watcher = watcher;
+                    let peer = tag_peer.then_some(peer);
+                    return http1::serve_connection(stream, own, peer, stop).await;
+                }
                 drop(stop);
                 let io = TokioIo::new(stream);
-                let (h1, h2, auto) = &*builders;
-                type BoxError = Box<dyn std::error::Error + Send + Sync>;
-                let ended: Result<(), BoxError> = match sniffed {
-                    Sniffed::Closed => return,
-                    Sniffed::Http1 => watcher
-                        .watch(h1.serve_connection(io, svc))
-                        .await
-                        .map_err(Into::into),
+                let (h2, auto) = &*builders;
+                let ended: Result<(), BodyError> = match sniffed {
+                    Sniffed::Closed | Sniffed::Http1 => return,
                     // Rare: boxed so that the common HTTP/1 task stays small.
                     Sniffed::Http2 => Box::pin(watcher.watch(h2.serve_connection(io, svc)))
                         .await
@@ -247,7 +299,7 @@ where
                             return;
                         }
                     };
-                let conn = builders.2.serve_connection(TokioIo::new(stream), svc);
+                let conn = builders.1.serve_connection(TokioIo::new(stream), svc);
                 if let Err(e) = watcher.watch(conn).await {
                     tracing::debug!(target: "server", listener = name, peer = %peer, error = %e, "connection ended with an error");
                 }
