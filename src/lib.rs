@@ -30,3 +30,4 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod webhook;
+pub mod wire;

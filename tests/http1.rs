@@ -13,7 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(10);
-const BODY: &str = r#"{"contents":[{"parts":[{"text":"hi"}]}],"generationConfig":{"maxOutputTokens":20}}"#;
+const BODY: &str =
+    r#"{"contents":[{"parts":[{"text":"hi"}]}],"generationConfig":{"maxOutputTokens":20}}"#;
 
 /// A response as read off the wire.
 #[derive(Debug)]
@@ -97,7 +98,10 @@ impl Raw {
                     .collect::<Vec<_>>();
                 break (r.code.unwrap(), headers, len);
             }
-            assert!(self.fill().await, "connection closed before a response head");
+            assert!(
+                self.fill().await,
+                "connection closed before a response head"
+            );
         };
         self.buf.drain(..len);
         let mut resp = Resp {
@@ -157,7 +161,12 @@ async fn one_connection_serves_sequential_and_pipelined_requests() {
     let mut c = Raw::connect(&h).await;
     c.send(&generate("sage", "")).await;
     let first = c.response(false).await;
-    assert_eq!(first.status, 200, "{}", String::from_utf8_lossy(&first.body));
+    assert_eq!(
+        first.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
     assert_eq!(first.header("x-budget-agent"), Some("sage"));
     assert!(first.header("date").is_some(), "a Date header");
     assert_eq!(first.header("connection"), None, "kept alive");
@@ -171,7 +180,12 @@ async fn one_connection_serves_sequential_and_pipelined_requests() {
     let second = c.response(false).await;
     let third = c.response(false).await;
     assert_eq!(second.status, 200);
-    assert_eq!(third.status, 200, "{}", String::from_utf8_lossy(&third.body));
+    assert_eq!(
+        third.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&third.body)
+    );
     let received = h.mock.received();
     assert_eq!(received.len(), 3);
     assert_eq!(received[2].path, "/v1beta/models");
@@ -224,7 +238,8 @@ async fn a_chunked_body_after_100_continue_reaches_the_upstream_whole() {
 #[tokio::test]
 async fn a_streamed_response_is_chunked_and_counted() {
     let h = Harness::start(CONFIG).await;
-    h.mock.set_behavior(Behavior::new().chunks(4).usage(10, 5, 0));
+    h.mock
+        .set_behavior(Behavior::new().chunks(4).usage(10, 5, 0));
     let mut c = Raw::connect(&h).await;
     let req = format!(
         "POST /agents/sage/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse HTTP/1.1\r\nHost: proxy\r\nContent-Length: {}\r\n\r\n{BODY}",
@@ -246,7 +261,8 @@ async fn a_streamed_response_is_chunked_and_counted() {
 async fn an_http10_request_is_answered_and_the_connection_closed() {
     let h = Harness::start(CONFIG).await;
     let mut c = Raw::connect(&h).await;
-    c.send(b"GET /agents/sage/v1beta/models HTTP/1.0\r\n\r\n").await;
+    c.send(b"GET /agents/sage/v1beta/models HTTP/1.0\r\n\r\n")
+        .await;
     let resp = c.response(false).await;
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("connection"), Some("close"));

@@ -4,15 +4,15 @@
 //! client goes away — after draining the rest of the upstream body in the background
 //! (bounded by the drain timeout), so the usage Google bills is still recorded.
 
-use super::upstream::Lease;
+use super::upstream::UpstreamBody;
 use super::Shared;
 use crate::budget::ledger::{Charge, Reservation};
 use crate::budget::pricing::cost_pico;
 use crate::gemini::{Usage, UsageScanner};
+use crate::server::BodyError;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -112,27 +112,21 @@ impl Meter {
 /// The upstream body, metered.
 #[derive(Debug)]
 pub struct MeteredBody {
-    inner: Option<Incoming>,
+    inner: Option<UpstreamBody>,
     /// Boxed: most of a body's life is spent being polled, and the meter is large.
     meter: Option<Box<Meter>>,
-    /// The HTTP/1.1 connection the body comes on: back to the pool at the body's end.
-    lease: Lease,
 }
 
 impl MeteredBody {
     /// Wrap `inner`; `meter` is `None` for responses that are not budgeted.
-    pub fn new(inner: Incoming, meter: Option<Meter>, lease: Lease) -> Self {
+    pub fn new(inner: UpstreamBody, meter: Option<Meter>) -> Self {
         Self {
             inner: Some(inner),
             meter: meter.map(Box::new),
-            lease,
         }
     }
 
     fn finish(&mut self, ending: Ending) {
-        if ending == Ending::Complete {
-            self.lease.release();
-        }
         if let Some(m) = self.meter.take() {
             m.finish(ending);
         }
@@ -141,12 +135,12 @@ impl MeteredBody {
 
 impl Body for MeteredBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
@@ -187,36 +181,28 @@ impl Body for MeteredBody {
 
 impl Drop for MeteredBody {
     fn drop(&mut self) {
+        // Not metered: a body left before its end closes its connection (dropped with
+        // it), as nothing needs the rest of it.
         let Some(meter) = self.meter.take() else {
-            // Not metered: an empty body hyper never polled (HEAD, 204) gives its
-            // connection back; one left before its end closes it (the lease is dropped),
-            // as nothing needs the rest of it.
-            if self.inner.as_ref().is_some_and(Body::is_end_stream) {
-                self.lease.release();
-            }
             return;
         };
         let inner = match self.inner.take() {
             Some(b) if !b.is_end_stream() => b,
-            _ => {
-                self.lease.release();
-                return meter.finish(Ending::Complete);
-            }
+            _ => return meter.finish(Ending::Complete),
         };
         // The client went away mid-body: keep reading the upstream so the usage that
         // Google bills is recorded, within the drain timeout.
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 let tracker = meter.shared.drains.clone();
-                let lease = std::mem::take(&mut self.lease);
-                tracker.spawn_on(drain(inner, meter, lease), &rt);
+                tracker.spawn_on(drain(inner, meter), &rt);
             }
             Err(_) => meter.finish(Ending::Cut),
         }
     }
 }
 
-async fn drain(mut body: Incoming, mut meter: Box<Meter>, mut lease: Lease) {
+async fn drain(mut body: UpstreamBody, mut meter: Box<Meter>) {
     let timeout = meter.shared.settings.drain_timeout;
     tracing::debug!(target: "proxy", agent = %meter.reservation.agent(), "client left mid-stream; draining upstream");
     let read = async {
@@ -235,8 +221,5 @@ async fn drain(mut body: Incoming, mut meter: Box<Meter>, mut lease: Lease) {
     let ending = tokio::time::timeout(timeout, read)
         .await
         .unwrap_or(Ending::DrainTimedOut);
-    if ending == Ending::Complete {
-        lease.release();
-    }
     meter.finish(ending);
 }

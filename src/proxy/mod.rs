@@ -2,6 +2,7 @@
 //! (rewriting the model on degrade), and meter the response as it streams back.
 
 pub mod body;
+pub mod h1client;
 pub mod jobs;
 pub mod metered;
 pub mod upstream;
@@ -615,7 +616,7 @@ pub(crate) async fn dispatch(
     )
     .await;
     trace.upstream_wait = sent_at.elapsed();
-    let (resp, lease) = match sent {
+    let resp = match sent {
         Err(_) => {
             return Err(ProxyError::UpstreamTimeout {
                 upstream: shared.upstream.display.clone(),
@@ -640,7 +641,7 @@ pub(crate) async fn dispatch(
     let meter = reservation.map(|r| Meter::new(r, model, shared.clone()));
     Ok(Dispatched::Response(Response::from_parts(
         rparts,
-        ResponseBody::Metered(MeteredBody::new(rbody, meter, lease)),
+        ResponseBody::Metered(MeteredBody::new(rbody, meter)),
     )))
 }
 

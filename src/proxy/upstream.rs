@@ -8,13 +8,13 @@
 //! (e.g. `invalid peer certificate: UnknownIssuer`) and a hint about `--upstream-ca`; the
 //! proxy turns it into a 502.
 //!
-//! The pool is ours, over hyper's connection-level client (`hyper::client::conn`): hyper's
-//! pooled client (hyper-util's `legacy::Client`) took a lock, cloned itself, boxed two
-//! futures and spawned a task per request to put the connection back once the response
-//! was read (about 5 % of the proxy's CPU in `perf`, see benches/README.md). Here an
-//! HTTP/1.1 connection travels with its response body as a [`Lease`], and goes back to the
-//! pool when the metered body has read the end of it; a body dropped before its end closes
-//! the connection (it cannot carry another request).
+//! The pool is ours: hyper's pooled client (hyper-util's `legacy::Client`) took a lock,
+//! cloned itself, boxed two futures and spawned a task per request to put the connection
+//! back once the response was read (about 5 % of the proxy's CPU in `perf`, see
+//! benches/README.md). HTTP/2 connections are hyper's (`hyper::client::conn::http2`);
+//! HTTP/1.1 ones are ours ([`super::h1client`]): a connection travels with its response
+//! body and goes back to the pool when the body's end is read; a body dropped before its
+//! end closes the connection (it cannot carry another request).
 //!
 //! On the proxy port's I/O threads (see `crate::server`: each runs its own single-threaded
 //! runtime), every thread has its own pool, so a request, its upstream connection and that
@@ -22,10 +22,13 @@
 //! (tests, other runtimes) one pool is shared.
 
 use super::body::RequestBody;
+use super::h1client::{H1Body, H1Conn};
 use anyhow::Context as _;
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -135,12 +138,12 @@ impl UpstreamClient {
     /// Send a request (on a connection of this I/O thread's pool, or of the shared one).
     /// The URI is in origin form ([`Upstream::uri`]) or absolute: the pool puts it in the
     /// form the connection's protocol wants (a retry may move a request from one protocol
-    /// to the other) and sets `Host` (HTTP/1.1) or leaves it to `:authority` (HTTP/2). The [`Lease`] goes with the response body: see
-    /// [`Lease::release`].
+    /// to the other) and sets `Host` (HTTP/1.1) or leaves it to `:authority` (HTTP/2). An
+    /// HTTP/1.1 connection goes back to the pool when the response body's end is read.
     pub async fn request(
         &self,
         req: http::Request<RequestBody>,
-    ) -> Result<(http::Response<Incoming>, Lease), UpstreamError> {
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         self.pool().send(req).await
     }
 
@@ -171,7 +174,43 @@ pub enum UpstreamError {
     Handshake(#[source] hyper::Error),
     /// The request failed on the connection (closed, reset, malformed response).
     #[error("request failed")]
-    Send(#[source] hyper::Error),
+    Send(#[source] BoxError),
+}
+
+/// A response body from the upstream: over our HTTP/1.1 connection, or hyper's HTTP/2.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    H1(H1Body),
+    H2(Incoming),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::H2(b) => b.size_hint(),
+        }
+    }
 }
 
 /// Idle HTTP/1.1 connections kept per pool at most (hyper-util's pool had the same cap).
@@ -179,7 +218,7 @@ const MAX_IDLE: usize = 1024;
 
 /// The connections of one pool: idle HTTP/1.1 ones (most recently used last) and the
 /// HTTP/2 one, which every request of the pool shares while it is open.
-struct Pool {
+pub struct Pool {
     state: Mutex<PoolState>,
     connector: Connector,
     /// `--upstream-idle-timeout`: unused connections are closed after it.
@@ -197,7 +236,7 @@ struct PoolState {
 }
 
 struct Idle {
-    conn: http1::SendRequest<RequestBody>,
+    conn: H1Conn,
     since: Instant,
 }
 
@@ -211,23 +250,8 @@ impl std::fmt::Debug for Pool {
 
 /// A connection checked out for one request.
 enum Conn {
-    H1(http1::SendRequest<RequestBody>),
+    H1(H1Conn),
     H2(http2::SendRequest<RequestBody>),
-}
-
-/// An HTTP/1.1 connection lent to a response: it carries the response body, and can take
-/// another request only once that body was read to its end.
-#[derive(Debug, Default)]
-pub struct Lease(Option<(Arc<Pool>, http1::SendRequest<RequestBody>)>);
-
-impl Lease {
-    /// The response body was read to its end: the connection goes back to its pool.
-    /// (Dropping a lease instead closes the connection.)
-    pub fn release(&mut self) {
-        if let Some((pool, conn)) = self.0.take() {
-            pool.put(conn);
-        }
-    }
 }
 
 fn lock(state: &Mutex<PoolState>) -> std::sync::MutexGuard<'_, PoolState> {
@@ -251,7 +275,7 @@ impl Pool {
     async fn send(
         self: Arc<Self>,
         mut req: http::Request<RequestBody>,
-    ) -> Result<(http::Response<Incoming>, Lease), UpstreamError> {
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         // After a pooled connection refused the request, the retry goes on a fresh one: at
         // most two attempts, whatever state the pool is in.
         let mut fresh_only = false;
@@ -262,38 +286,36 @@ impl Pool {
                 // Boxed: connecting (TLS, HTTP/2 handshake) is a large future, and rare.
                 None => (Box::pin(self.connect()).await?, false),
             };
-            let h2 = matches!(conn, Conn::H2(_));
-            let sent = match conn {
+            match conn {
                 Conn::H2(mut conn) => {
                     self.http2_form(&mut req);
-                    conn.try_send_request(req)
-                        .await
-                        .map(|resp| (resp, Lease(None)))
-                }
-                Conn::H1(mut conn) => {
-                    self.http1_form(&mut req);
                     match conn.try_send_request(req).await {
-                        Ok(resp) => Ok((resp, Lease(Some((self.clone(), conn))))),
-                        Err(e) => Err(e),
+                        Ok(resp) => return Ok(resp.map(UpstreamBody::H2)),
+                        Err(mut e) => match e.take_message() {
+                            // A pooled connection that closed before the request went out
+                            // (a GOAWAY): nothing was sent, try a fresh one. A fresh
+                            // connection failing the same way is the upstream's answer.
+                            Some(unsent) if reused => {
+                                lock(&self.state).h2 = None;
+                                fresh_only = true;
+                                req = unsent;
+                            }
+                            _ => return Err(UpstreamError::Send(e.into_error().into())),
+                        },
                     }
                 }
-            };
-            match sent {
-                Ok(sent) => return Ok(sent),
-                Err(mut e) => match e.take_message() {
-                    // A pooled connection that closed before the request went out (the
-                    // upstream timed it out, or an HTTP/2 GOAWAY): nothing was sent, try a
-                    // fresh one. A fresh connection failing the same way is the upstream's
-                    // answer.
-                    Some(unsent) if reused => {
-                        if h2 {
-                            lock(&self.state).h2 = None;
-                        }
-                        fresh_only = true;
-                        req = unsent;
+                Conn::H1(conn) => {
+                    self.http1_form(&mut req);
+                    match conn.send(&mut req, &self).await {
+                        Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
+                        // A pooled connection the upstream had closed, met on the write:
+                        // the request did not go out (a body known in full stayed in
+                        // `req`), send it on a fresh one. Never after a write that went
+                        // through: the upstream may have acted on it.
+                        Err(e) if e.unsent && reused => fresh_only = true,
+                        Err(e) => return Err(UpstreamError::Send(e.error)),
                     }
-                    _ => return Err(UpstreamError::Send(e.into_error())),
-                },
+                }
             }
         }
     }
@@ -313,22 +335,16 @@ impl Pool {
         let mut i = st.idle.len();
         while i > 0 {
             i -= 1;
-            let idle = &st.idle[i];
-            if idle.conn.is_closed() || now.duration_since(idle.since) >= self.idle_timeout {
-                st.idle.remove(i);
-            } else if idle.conn.is_ready() {
-                return Some(Conn::H1(st.idle.remove(i).conn));
+            let idle = st.idle.remove(i);
+            if idle.conn.is_usable() && now.duration_since(idle.since) < self.idle_timeout {
+                return Some(Conn::H1(idle.conn));
             }
-            // Else its last response is still finishing: leave it for a later request.
         }
         None
     }
 
     /// Back from a response read to its end.
-    fn put(self: &Arc<Self>, conn: http1::SendRequest<RequestBody>) {
-        if conn.is_closed() {
-            return;
-        }
+    pub(super) fn put(self: &Arc<Self>, conn: H1Conn) {
         {
             let mut st = lock(&self.state);
             if st.idle.len() >= MAX_IDLE {
@@ -373,15 +389,7 @@ impl Pool {
             self.start_sweeper();
             Ok(Conn::H2(conn))
         } else {
-            let (conn, driver) = http1::handshake(io)
-                .await
-                .map_err(UpstreamError::Handshake)?;
-            tokio::spawn(async move {
-                if let Err(e) = driver.await {
-                    tracing::debug!(target: "upstream", error = %e, "HTTP/1.1 connection ended");
-                }
-            });
-            Ok(Conn::H1(conn))
+            Ok(Conn::H1(H1Conn::new(io)))
         }
     }
 
@@ -412,7 +420,7 @@ impl Pool {
         let mut st = lock(&self.state);
         let timeout = self.idle_timeout;
         st.idle
-            .retain(|i| !i.conn.is_closed() && now.duration_since(i.since) < timeout);
+            .retain(|i| i.conn.is_usable() && now.duration_since(i.since) < timeout);
         if st
             .h2
             .as_ref()

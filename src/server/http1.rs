@@ -23,6 +23,7 @@
 //! smuggling). HTTP/1.0 requests are answered and the connection closed.
 
 use super::{BoxFuture, ClientBody, PeerAddr};
+use crate::wire::{chunk_size, write_all, Chunk, Decoder, Step};
 use bytes::{Bytes, BytesMut};
 use http::header::{
     HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, EXPECT,
@@ -386,22 +387,6 @@ async fn client_gone(stream: &TcpStream, buf: &mut BytesMut) {
     }
 }
 
-/// Write all of `bufs` (empty slices allowed), in as few `writev` calls as the socket
-/// takes; nothing at all when they are all empty.
-async fn write_all(stream: &TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
-    // Drops the leading empty slices.
-    IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        match stream.try_write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Answer a request head that cannot be served (Gemini's error shape), before closing.
 async fn write_refusal(stream: &TcpStream, e: &HeadError) -> io::Result<()> {
     let status = e.status();
@@ -595,24 +580,6 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
     n
 }
 
-/// `{len:X}\r\n` without allocating.
-fn chunk_size(len: usize, out: &mut [u8; 20]) -> &[u8] {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let mut i = out.len() - 2;
-    out[i] = b'\r';
-    out[i + 1] = b'\n';
-    let mut n = len;
-    loop {
-        i -= 1;
-        out[i] = HEX[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    &out[i..]
-}
-
 /// The status line and headers, as HTTP/1.1 writes them.
 fn encode_head(status: StatusCode, headers: &HeaderMap, out: &mut Vec<u8>) {
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -648,136 +615,15 @@ fn date() -> HeaderValue {
     })
 }
 
-/// Where a chunked body's decoder is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// Before a chunk-size line.
-    Size,
-    /// Inside a chunk's data, with this much left.
-    Data(u64),
-    /// After a chunk's data: its CRLF.
-    DataEnd,
-    /// After the last chunk: trailer lines until an empty one.
-    Trailers,
-    /// After the whole body.
-    Done,
-}
-
-/// The decoder of a request body still arriving.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Decoder {
-    /// `Content-Length`, with this much left.
-    Length(u64),
-    Chunked(Chunk),
-}
-
-/// What a decoding step found in the buffer.
-enum Step {
-    Data(Bytes),
-    NeedMore,
-    End,
-}
-
-/// Longest chunk-size or trailer line accepted.
-const MAX_LINE: usize = 4096;
-
 /// The error of a request body that cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
     #[error("the client closed the connection before the end of the request body")]
     Cut,
     #[error("the request body's chunked encoding is malformed ({0}); send valid chunks or Content-Length")]
-    Chunked(&'static str),
+    Chunked(#[from] crate::wire::Malformed),
     #[error("reading the request body failed: {0}")]
     Io(#[from] io::Error),
-}
-
-impl Decoder {
-    fn is_done(&self) -> bool {
-        matches!(self, Decoder::Length(0) | Decoder::Chunked(Chunk::Done))
-    }
-
-    fn step(&mut self, buf: &mut BytesMut) -> Result<Step, RecvError> {
-        loop {
-            match self {
-                Decoder::Length(0) | Decoder::Chunked(Chunk::Done) => return Ok(Step::End),
-                Decoder::Length(left) => {
-                    if buf.is_empty() {
-                        return Ok(Step::NeedMore);
-                    }
-                    let take = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                    *left -= take as u64;
-                    return Ok(Step::Data(buf.split_to(take).freeze()));
-                }
-                Decoder::Chunked(Chunk::Data(left)) => {
-                    if buf.is_empty() {
-                        return Ok(Step::NeedMore);
-                    }
-                    let take = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                    *left -= take as u64;
-                    if *left == 0 {
-                        *self = Decoder::Chunked(Chunk::DataEnd);
-                    }
-                    return Ok(Step::Data(buf.split_to(take).freeze()));
-                }
-                Decoder::Chunked(Chunk::DataEnd) => match buf.first() {
-                    None => return Ok(Step::NeedMore),
-                    Some(b'\n') => {
-                        let _ = buf.split_to(1);
-                        *self = Decoder::Chunked(Chunk::Size);
-                    }
-                    Some(b'\r') if buf.len() < 2 => return Ok(Step::NeedMore),
-                    Some(b'\r') if buf[1] == b'\n' => {
-                        let _ = buf.split_to(2);
-                        *self = Decoder::Chunked(Chunk::Size);
-                    }
-                    Some(_) => {
-                        return Err(RecvError::Chunked("a chunk's data is longer than its size"))
-                    }
-                },
-                Decoder::Chunked(state @ (Chunk::Size | Chunk::Trailers)) => {
-                    let Some(line) = take_line(buf)? else {
-                        return Ok(Step::NeedMore);
-                    };
-                    if *state == Chunk::Trailers {
-                        if line.is_empty() {
-                            *self = Decoder::Chunked(Chunk::Done);
-                        }
-                        continue;
-                    }
-                    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
-                    let digits = std::str::from_utf8(digits)
-                        .map_err(|_| RecvError::Chunked("a chunk size is not hexadecimal"))?
-                        .trim();
-                    let size = u64::from_str_radix(digits, 16)
-                        .map_err(|_| RecvError::Chunked("a chunk size is not hexadecimal"))?;
-                    *self = Decoder::Chunked(if size == 0 {
-                        Chunk::Trailers
-                    } else {
-                        Chunk::Data(size)
-                    });
-                }
-            }
-        }
-    }
-}
-
-/// The next line of `buf` without its line end, taken out of `buf`.
-fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, RecvError> {
-    let Some(end) = memchr::memchr(b'\n', buf) else {
-        if buf.len() > MAX_LINE {
-            return Err(RecvError::Chunked(
-                "a chunk-size or trailer line is too long",
-            ));
-        }
-        return Ok(None);
-    };
-    let mut line = buf.split_to(end + 1).freeze();
-    line.truncate(end);
-    if line.last() == Some(&b'\r') {
-        line.truncate(end - 1);
-    }
-    Ok(Some(line))
 }
 
 /// A request body from this connection.
@@ -848,7 +694,7 @@ impl Body for RecvBody {
             RecvKind::Streaming(s) => s,
         };
         loop {
-            match s.decoder.step(&mut s.buf) {
+            match s.decoder.step(&mut s.buf).map_err(RecvError::from) {
                 Ok(Step::Data(data)) => {
                     if s.decoder.is_done() {
                         s.give_back();
@@ -868,7 +714,7 @@ impl Body for RecvBody {
             if s.buf.capacity() - s.buf.len() < HEAD_READ_BYTES / 4 {
                 let want = match s.decoder {
                     Decoder::Length(left) => usize::try_from(left).unwrap_or(usize::MAX),
-                    Decoder::Chunked(_) => BODY_READ_BYTES,
+                    Decoder::Chunked(_) | Decoder::Eof => BODY_READ_BYTES,
                 };
                 s.buf.reserve(want.clamp(HEAD_READ_BYTES, BODY_READ_BYTES));
             }
@@ -893,7 +739,7 @@ impl Body for RecvBody {
             RecvKind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             RecvKind::Streaming(s) => match s.decoder {
                 Decoder::Length(left) => SizeHint::with_exact(left),
-                Decoder::Chunked(_) => SizeHint::default(),
+                Decoder::Chunked(_) | Decoder::Eof => SizeHint::default(),
             },
         }
     }
@@ -967,69 +813,5 @@ mod tests {
             .expect("valid")
             .expect("complete");
         assert!(!head.keep_alive);
-    }
-
-    fn decode_all(
-        mut d: Decoder,
-        input: &[u8],
-        split: usize,
-    ) -> Result<(Vec<u8>, Vec<u8>), RecvError> {
-        let mut buf = BytesMut::new();
-        let mut out = Vec::new();
-        let mut fed = 0;
-        loop {
-            match d.step(&mut buf)? {
-                Step::Data(b) => out.extend_from_slice(&b),
-                Step::End => return Ok((out, buf.to_vec())),
-                Step::NeedMore => {
-                    if fed == input.len() {
-                        return Err(RecvError::Cut);
-                    }
-                    let n = split.min(input.len() - fed);
-                    buf.extend_from_slice(&input[fed..fed + n]);
-                    fed += n;
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn chunked_bodies_decode_at_any_split_and_keep_what_follows() {
-        let wire = b"5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nTrailer: x\r\n\r\nGET / HTTP/1.1\r\n";
-        for split in 1..wire.len() {
-            let (body, rest) =
-                decode_all(Decoder::Chunked(Chunk::Size), wire, split).expect("valid");
-            assert_eq!(body, b"hello, world", "split {split}");
-            // What the decoder did not consume stays for the connection (a pipelined
-            // request), except for the part fed after the end.
-            assert!(
-                b"GET / HTTP/1.1\r\n".starts_with(&rest),
-                "split {split}: {rest:?}"
-            );
-        }
-        let (body, rest) = decode_all(Decoder::Length(3), b"abcdef", 6).expect("valid");
-        assert_eq!((&body[..], &rest[..]), (&b"abc"[..], &b"def"[..]));
-    }
-
-    #[test]
-    fn malformed_chunks_are_errors() {
-        for wire in [&b"zz\r\nab\r\n0\r\n\r\n"[..], b"2\r\nabc\r\n0\r\n\r\n"] {
-            assert!(matches!(
-                decode_all(Decoder::Chunked(Chunk::Size), wire, wire.len()),
-                Err(RecvError::Chunked(_))
-            ));
-        }
-        assert!(matches!(
-            decode_all(Decoder::Chunked(Chunk::Size), b"5\r\nab", 100),
-            Err(RecvError::Cut)
-        ));
-    }
-
-    #[test]
-    fn chunk_size_lines_are_hex() {
-        let mut out = [0u8; 20];
-        assert_eq!(chunk_size(0, &mut out), b"0\r\n");
-        assert_eq!(chunk_size(255, &mut out), b"FF\r\n");
-        assert_eq!(chunk_size(0x1234_5678, &mut out), b"12345678\r\n");
     }
 }
