@@ -5,7 +5,7 @@
 use bytes::{Bytes, BytesMut};
 use std::io::{self, IoSlice};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
 
 /// Where a chunked body's decoder is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +163,7 @@ pub fn chunk_size(len: usize, out: &mut [u8; 20]) -> &[u8] {
 
 /// Write all of `bufs` (empty slices allowed), in as few `writev` calls as the socket
 /// takes; nothing at all when they are all empty.
-pub async fn write_all(stream: &TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+pub async fn write_all(stream: &OwnedWriteHalf, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
     // Drops the leading empty slices.
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {

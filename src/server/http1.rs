@@ -38,6 +38,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 
@@ -216,6 +218,11 @@ fn framing(map: &HeaderMap, version: Version) -> Result<Framing, HeadError> {
 
 /// Serve one plain HTTP/1.1 connection until the client closes it, a response cannot
 /// keep it open, or `stop` turns true (checked between requests, and while idle).
+///
+/// The socket is split: the loop writes on its half, and reads on the other while it holds
+/// it; a body still arriving takes the reading half and gives it back at its end. Reads go
+/// through tokio's `AsyncRead`, which marks the socket drained after a short read, so that
+/// waiting for the next request costs no `recvfrom` that finds nothing.
 pub(super) async fn serve_connection<H, B>(
     stream: TcpStream,
     handler: Arc<H>,
@@ -226,15 +233,19 @@ pub(super) async fn serve_connection<H, B>(
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError> + Send,
 {
-    let stream = Arc::new(stream);
+    let (read, write) = stream.into_split();
+    let mut read = Some(read);
     let mut buf = BytesMut::new();
     loop {
-        let head = match next_head(&stream, &mut buf, &mut stop).await {
+        let Some(reader) = read.as_mut() else {
+            return;
+        };
+        let head = match next_head(reader, &mut buf, &mut stop).await {
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(e) => {
                 tracing::debug!(target: "server", error = %e, "bad request head");
-                let _ = write_refusal(&stream, &e).await;
+                let _ = write_refusal(&write, &e).await;
                 return;
             }
         };
@@ -244,16 +255,18 @@ pub(super) async fn serve_connection<H, B>(
             keep_alive,
             expect_continue,
         } = head;
-        let (body, back) = match framing {
-            Framing::Length(n) if buf.len() as u64 >= n => {
+        let (body, back) = match (framing, read.take()) {
+            (Framing::Length(n), reader) if buf.len() as u64 >= n => {
+                read = reader;
                 // `n` fits in usize: it is at most the buffer's length.
                 let bytes = buf.split_to(n as usize).freeze();
                 (RecvBody::full(bytes), None)
             }
-            _ => {
+            (_, None) => return,
+            (framing, Some(reader)) => {
                 if expect_continue
                     && write_all(
-                        &stream,
+                        &write,
                         &mut [IoSlice::new(b"HTTP/1.1 100 Continue\r\n\r\n")],
                     )
                     .await
@@ -266,8 +279,7 @@ pub(super) async fn serve_connection<H, B>(
                     Framing::Length(n) => Decoder::Length(n),
                     Framing::Chunked => Decoder::Chunked(Chunk::Size),
                 };
-                let body =
-                    RecvBody::streaming(stream.clone(), std::mem::take(&mut buf), decoder, tx);
+                let body = RecvBody::streaming(reader, std::mem::take(&mut buf), decoder, tx);
                 (body, Some(rx))
             }
         };
@@ -282,36 +294,29 @@ pub(super) async fn serve_connection<H, B>(
             parts.extensions.insert(PeerAddr(peer));
         }
         let mut response = handler(Request::from_parts(parts, ClientBody::Own(body)));
-        // The client is watched only while this loop owns the socket's reading side.
-        let watch = back.is_none();
-        let resp = if watch {
-            tokio::select! {
+        // The client is watched only while this loop holds the reading half.
+        let resp = match read.as_mut() {
+            Some(reader) => tokio::select! {
                 resp = &mut response => resp,
-                () = client_gone(&stream, &mut buf) => return,
-            }
-        } else {
-            response.await
-        };
-        // A body read to its end gave the read buffer back; one that was not leaves the
-        // connection at an unknown place in the stream, so the response says it closes.
-        let body_done = match back {
-            None => true,
-            Some(mut back) => match back.try_recv() {
-                Ok(rest) => {
-                    buf = rest;
-                    true
-                }
-                Err(_) => false,
+                () = client_gone(reader, &mut buf) => return,
             },
+            None => response.await,
         };
-        let keep_alive = keep_alive && body_done && !*stop.borrow();
+        // A body read to its end gave the reading half back; one that was not leaves the
+        // connection at an unknown place in the stream, so the response says it closes.
+        if let Some(mut back) = back {
+            if let Ok((reader, rest)) = back.try_recv() {
+                read = Some(reader);
+                buf = rest;
+            }
+        }
+        let keep_alive = keep_alive && read.is_some() && !*stop.borrow();
         let out = Outgoing {
-            stream: &stream,
+            write: &write,
             is_head,
             http10,
-            watch: body_done,
         };
-        if !out.write(resp, keep_alive, &mut buf).await {
+        if !out.write(resp, keep_alive, read.as_mut(), &mut buf).await {
             return;
         }
         if *stop.borrow() {
@@ -323,7 +328,7 @@ pub(super) async fn serve_connection<H, B>(
 /// Read the next request head: `Ok(None)` when the client closed the connection or
 /// `stop` turned true while it was idle.
 async fn next_head(
-    stream: &TcpStream,
+    read: &mut OwnedReadHalf,
     buf: &mut BytesMut,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Option<Head>, HeadError> {
@@ -334,61 +339,64 @@ async fn next_head(
                 return Ok(Some(head));
             }
         }
-        if buf.is_empty() {
-            // Idle: no buffer, no timer; only readability or shutdown.
+        let idle = buf.is_empty();
+        if idle {
+            // Idle: no buffer and no timer until a byte arrives; only shutdown.
             tokio::select! {
-                r = stream.readable() => if r.is_err() { return Ok(None) },
+                r = read.readable() => if r.is_err() { return Ok(None) },
+                _ = stop.wait_for(|s| *s) => return Ok(None),
+            }
+        }
+        if buf.capacity() - buf.len() < HEAD_READ_BYTES / 4 {
+            buf.reserve(HEAD_READ_BYTES);
+        }
+        let n = if idle {
+            tokio::select! {
+                n = read.read_buf(buf) => n,
                 _ = stop.wait_for(|s| *s) => return Ok(None),
             }
         } else {
             let deadline =
                 *deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEAD_TIMEOUT);
-            match tokio::time::timeout_at(deadline, stream.readable()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Ok(None),
+            match tokio::time::timeout_at(deadline, read.read_buf(buf)).await {
+                Ok(n) => n,
                 Err(_) => {
                     tracing::debug!(target: "server", "request head not complete within 30 s; closing");
                     return Ok(None);
                 }
             }
-        }
-        if buf.capacity() - buf.len() < HEAD_READ_BYTES / 4 {
-            buf.reserve(HEAD_READ_BYTES);
-        }
-        match stream.try_read_buf(buf) {
-            Ok(0) => return Ok(None),
+        };
+        match n {
+            Ok(0) | Err(_) => return Ok(None),
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Ok(None),
         }
     }
 }
 
 /// Resolves when the client closed the connection (or it failed). Bytes that arrive in the
-/// meantime (a pipelined request) are kept in `buf`, up to one head's worth.
-async fn client_gone(stream: &TcpStream, buf: &mut BytesMut) {
+/// meantime (a pipelined request) are kept in `buf`, up to one head's worth; no buffer is
+/// taken before a byte arrives (a parked request's connection holds none).
+async fn client_gone(read: &mut OwnedReadHalf, buf: &mut BytesMut) {
     loop {
         if buf.len() >= MAX_HEAD_BYTES {
             // Enough read ahead: stop watching rather than buffer without bound.
             return std::future::pending().await;
         }
-        if stream.readable().await.is_err() {
+        if read.readable().await.is_err() {
             return;
         }
         if buf.capacity() - buf.len() < HEAD_READ_BYTES / 4 {
             buf.reserve(HEAD_READ_BYTES);
         }
-        match stream.try_read_buf(buf) {
-            Ok(0) => return,
+        match read.read_buf(buf).await {
+            Ok(0) | Err(_) => return,
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
         }
     }
 }
 
 /// Answer a request head that cannot be served (Gemini's error shape), before closing.
-async fn write_refusal(stream: &TcpStream, e: &HeadError) -> io::Result<()> {
+async fn write_refusal(write: &OwnedWriteHalf, e: &HeadError) -> io::Result<()> {
     let status = e.status();
     let body =
         crate::gemini::error::error_body(status.as_u16(), "INVALID_ARGUMENT", &e.to_string(), None);
@@ -399,7 +407,7 @@ async fn write_refusal(stream: &TcpStream, e: &HeadError) -> io::Result<()> {
     headers.insert(DATE, date());
     let mut head = Vec::with_capacity(256);
     encode_head(status, &headers, &mut head);
-    write_all(stream, &mut [IoSlice::new(&head), IoSlice::new(&body)]).await
+    write_all(write, &mut [IoSlice::new(&head), IoSlice::new(&body)]).await
 }
 
 /// How a response's body goes on the wire.
@@ -417,16 +425,21 @@ enum Out {
 
 /// Where and how a response is written.
 struct Outgoing<'a> {
-    stream: &'a TcpStream,
+    write: &'a OwnedWriteHalf,
     is_head: bool,
     http10: bool,
-    /// Whether the client can be watched (this loop owns the reading side).
-    watch: bool,
 }
 
 impl Outgoing<'_> {
     /// Write `resp`; returns whether the connection can serve another request.
-    async fn write<B>(&self, resp: Response<B>, mut keep_alive: bool, buf: &mut BytesMut) -> bool
+    /// `read`: the reading half when this loop holds it, to notice the client leaving.
+    async fn write<B>(
+        &self,
+        resp: Response<B>,
+        mut keep_alive: bool,
+        mut read: Option<&mut OwnedReadHalf>,
+        buf: &mut BytesMut,
+    ) -> bool
     where
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
@@ -466,7 +479,7 @@ impl Outgoing<'_> {
             // Dropped unpolled: a metered body gives its upstream connection back if it
             // was empty (see `proxy::metered`).
             drop(body);
-            return write_all(self.stream, &mut [IoSlice::new(&head)])
+            return write_all(self.write, &mut [IoSlice::new(&head)])
                 .await
                 .is_ok()
                 && keep_alive;
@@ -484,7 +497,7 @@ impl Outgoing<'_> {
         if next.is_none() {
             // The client sees the head now (time to first byte), not with the first chunk.
             if let Some(h) = head.take() {
-                if write_all(self.stream, &mut [IoSlice::new(&h)])
+                if write_all(self.write, &mut [IoSlice::new(&h)])
                     .await
                     .is_err()
                 {
@@ -497,11 +510,13 @@ impl Outgoing<'_> {
         loop {
             let frame = match next.take() {
                 Some(frame) => frame,
-                None if self.watch => tokio::select! {
-                    frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)) => frame,
-                    () = client_gone(self.stream, buf) => return false,
+                None => match read.as_deref_mut() {
+                    Some(reader) => tokio::select! {
+                        frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)) => frame,
+                        () = client_gone(reader, buf) => return false,
+                    },
+                    None => std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await,
                 },
-                None => std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await,
             };
             let data = match frame {
                 None => break,
@@ -537,7 +552,7 @@ impl Outgoing<'_> {
                     _ => b"",
                 }),
             ];
-            if write_all(self.stream, &mut slices).await.is_err() {
+            if write_all(self.write, &mut slices).await.is_err() {
                 return false;
             }
             terminated = end;
@@ -551,7 +566,7 @@ impl Outgoing<'_> {
             IoSlice::new(pre.as_deref().unwrap_or_default()),
             IoSlice::new(tail),
         ];
-        if write_all(self.stream, &mut slices).await.is_err() {
+        if write_all(self.write, &mut slices).await.is_err() {
             return false;
         }
         if let Out::Length(n) = out {
@@ -564,7 +579,7 @@ impl Outgoing<'_> {
 
     async fn flush_head(&self, head: &mut Option<Vec<u8>>) -> io::Result<()> {
         match head.take() {
-            Some(h) => write_all(self.stream, &mut [IoSlice::new(&h)]).await,
+            Some(h) => write_all(self.write, &mut [IoSlice::new(&h)]).await,
             None => Ok(()),
         }
     }
@@ -642,17 +657,19 @@ enum RecvKind {
 
 #[derive(Debug)]
 struct Streaming {
-    stream: Arc<TcpStream>,
+    /// The connection's reading half; `None` once given back.
+    read: Option<OwnedReadHalf>,
     buf: BytesMut,
     decoder: Decoder,
-    /// Gives the read buffer (with any bytes after the body) back to the connection.
-    back: Option<oneshot::Sender<BytesMut>>,
+    /// Gives the reading half and the buffer (with any bytes after the body) back to the
+    /// connection.
+    back: Option<oneshot::Sender<(OwnedReadHalf, BytesMut)>>,
 }
 
 impl Streaming {
     fn give_back(&mut self) {
-        if let Some(tx) = self.back.take() {
-            let _ = tx.send(std::mem::take(&mut self.buf));
+        if let (Some(tx), Some(read)) = (self.back.take(), self.read.take()) {
+            let _ = tx.send((read, std::mem::take(&mut self.buf)));
         }
     }
 }
@@ -665,14 +682,14 @@ impl RecvBody {
     }
 
     fn streaming(
-        stream: Arc<TcpStream>,
+        read: OwnedReadHalf,
         buf: BytesMut,
         decoder: Decoder,
-        back: oneshot::Sender<BytesMut>,
+        back: oneshot::Sender<(OwnedReadHalf, BytesMut)>,
     ) -> Self {
         Self {
             kind: RecvKind::Streaming(Box::new(Streaming {
-                stream,
+                read: Some(read),
                 buf,
                 decoder,
                 back: Some(back),
@@ -708,9 +725,9 @@ impl Body for RecvBody {
                 Ok(Step::NeedMore) => {}
                 Err(e) => return Poll::Ready(Some(Err(e))),
             }
-            if let Err(e) = ready!(s.stream.poll_read_ready(cx)) {
-                return Poll::Ready(Some(Err(e.into())));
-            }
+            let Some(read) = s.read.as_mut() else {
+                return Poll::Ready(None);
+            };
             if s.buf.capacity() - s.buf.len() < HEAD_READ_BYTES / 4 {
                 let want = match s.decoder {
                     Decoder::Length(left) => usize::try_from(left).unwrap_or(usize::MAX),
@@ -718,10 +735,13 @@ impl Body for RecvBody {
                 };
                 s.buf.reserve(want.clamp(HEAD_READ_BYTES, BODY_READ_BYTES));
             }
-            match s.stream.try_read_buf(&mut s.buf) {
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(read),
+                cx,
+                &mut s.buf
+            )) {
                 Ok(0) => return Poll::Ready(Some(Err(RecvError::Cut))),
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Some(Err(e.into()))),
             }
         }
