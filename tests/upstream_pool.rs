@@ -146,3 +146,91 @@ async fn a_response_without_a_body_gives_its_connection_back() {
         "the HEAD's connection should have carried the GET"
     );
 }
+
+/// An HTTP/1.1 upstream written by hand, for what hyper's servers never send: an interim
+/// `100 Continue` before the answer, and a body delimited by the connection's close. Every
+/// connection answers one request with `answer`, then closes. Returns the address and the
+/// number of connections accepted so far.
+async fn raw_upstream(
+    answer: &'static [u8],
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                // Read the request head and its Content-Length body.
+                let mut req = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    req.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&req).to_ascii_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                        if req.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let _ = s.write_all(answer).await;
+                // Closing ends the body.
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn interim_responses_are_skipped_and_a_body_ended_by_close_is_metered_whole() {
+    const ANSWER: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"hi\"}]}}],\"usageMetadata\":{\"promptTokenCount\":7,\"candidatesTokenCount\":5,\"totalTokenCount\":12}}";
+    let (addr, accepted) = raw_upstream(ANSWER).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("budgets.json");
+    std::fs::write(&config, CONFIG).unwrap();
+    let opts = common::options(&dir.path().join("state"), config, &format!("http://{addr}"));
+    let app = budget_proxy::app::start_with_clock(opts, Arc::new(budget_proxy::clock::SystemClock))
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!(
+        "http://{}/agents/sage/v1beta/models/gemini-2.5-flash:generateContent",
+        app.proxy_addr
+    );
+    for round in 1..=2 {
+        let r = http.post(&url).json(&hello()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            body["usageMetadata"]["totalTokenCount"], 12,
+            "the body, whole"
+        );
+        // The connection ended with the body: the next request needs a new one.
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), round);
+    }
+    let admin = format!("http://{}/api/budget/status/sage", app.admin_addr);
+    wait_until(|| async {
+        let s: serde_json::Value = http
+            .get(&admin)
+            .bearer_auth(common::ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        s["used_tokens"] == 24
+    })
+    .await;
+    app.shutdown().await;
+}
