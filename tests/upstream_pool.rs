@@ -1,7 +1,8 @@
-//! The upstream connection pool (`proxy::upstream`) against a real mock Gemini over plain
-//! HTTP/1.1: connections are kept alive and reused once a response was read to its end,
-//! an upstream closing them costs no request, and idle ones close after
-//! `--upstream-idle-timeout`. (HTTP/2 sharing over TLS is in tests/tls.rs.)
+//! The upstream connection pool (`proxy::upstream`, `proxy::h1client`) against a real mock
+//! Gemini over plain HTTP/1.1: connections are kept alive and reused once a response was
+//! read to its end, an upstream closing them costs no request, and idle ones close after
+//! `--upstream-idle-timeout`; and against a hand-written upstream, an interim `100` and a
+//! body ended by the connection's close. (HTTP/2 sharing over TLS is in tests/tls.rs.)
 #![allow(clippy::unwrap_used)]
 
 mod common;

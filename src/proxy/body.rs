@@ -126,9 +126,10 @@ impl PeekedBody {
     }
 
     /// Own the bytes read so far instead of sharing the buffer they were read into. A
-    /// parked request calls this: on HTTP/1 that buffer is the connection's 8 KiB read
-    /// buffer, which a request waiting for minutes should not pin. Returns the bytes it let
-    /// go of (see `proxy::resume` for why they are kept a moment longer).
+    /// parked request calls this: on HTTP/1.1 that buffer is the connection's read buffer
+    /// (4 KiB ours, 8 KiB hyper's over TLS), which a request waiting for minutes should not
+    /// pin. Returns the bytes it let go of (see `proxy::resume` for why they are kept a
+    /// moment longer).
     pub fn detach(&mut self) -> Bytes {
         let old = std::mem::replace(&mut self.head, Bytes::new());
         self.head = Bytes::copy_from_slice(&old);

@@ -299,7 +299,7 @@ pub(crate) enum Dispatched {
 /// A request of a queue agent waiting for budget, with what it needs to go on once
 /// admitted: a few hundred bytes instead of the handler's future.
 pub(crate) struct Parked {
-    /// The body as hyper handed it out: a slice of the connection's read buffer, let go
+    /// The body as the server handed it out: a slice of the connection's read buffer, let go
     /// of once the request is parked (see [`resume`]).
     read_buffer: Option<Bytes>,
     /// The path and query are read again from `parts.uri` once released.
@@ -318,15 +318,15 @@ async fn resume(
     mut parked: Box<Parked>,
     trace: &mut Trace,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    // On HTTP/1, hyper reads the request into a connection buffer of 8 KiB, and once the
-    // request is read it makes sure it has 8 KiB free to watch the connection: it reuses the
-    // buffer in place when nothing else shares it, else it allocates a fresh one. Holding
-    // a slice of the old one across one yield makes it take a fresh buffer (whose pages
-    // stay untouched, so cost no RSS while the request waits) and frees the old one, whose
-    // page that received the request can be reused by the next connection; without it the
-    // parked connection keeps that page for as long as it waits. Measured with
-    // benches/queue_memory.sh: 7.8 -> 6.5-7.2 KiB per parked request (whether hyper had
-    // already moved on before the request was parked depends on scheduling).
+    // The request's head and body are slices of the read buffer its connection read it
+    // into; `detach` gave the request copies of its own. Our HTTP/1.1 connection has let
+    // go of that buffer already, so dropping the slices frees it. hyper's (HTTP/1.1 over
+    // TLS) keeps an 8 KiB buffer to watch the connection and reuses it in place when
+    // nothing else shares it, else allocates a fresh one: holding the old slices across one
+    // yield makes it take a fresh buffer (untouched pages, no RSS while the request waits)
+    // and frees the old one, whose page can then serve the next connection. Measured with
+    // benches/queue_memory.sh when hyper served plain HTTP/1.1 too: 7.8 -> 6.5-7.2 KiB per
+    // parked request.
     if let Some(read_buffer) = parked.read_buffer.take() {
         tokio::task::yield_now().await;
         drop(read_buffer);
@@ -487,7 +487,7 @@ pub(crate) async fn dispatch(
                     prefer_async: false,
                 } => {}
             }
-            // A parked request may wait minutes: stop sharing hyper's read buffer.
+            // A parked request may wait minutes: stop sharing the connection's read buffer.
             detach(&mut parts);
             let read_buffer = peeked.detach();
             return Ok(Dispatched::Park(Box::new(Parked {
@@ -645,10 +645,9 @@ pub(crate) async fn dispatch(
     )))
 }
 
-/// Give `parts` their own copies of the URI and header values. On HTTP/1 hyper hands them
-/// out as slices of the connection's read buffer; a parked request holding them would keep
-/// that buffer (8 KiB) alive next to the fresh one hyper allocates while it waits
-/// (measured with `benches/queue_memory.sh`).
+/// Give `parts` their own copies of the URI and header values: on HTTP/1.1 they are slices
+/// of the buffer the connection read the request into, which a parked request holding them
+/// would keep alive for as long as it waits (measured with `benches/queue_memory.sh`).
 fn detach(parts: &mut http::request::Parts) {
     let mut headers = HeaderMap::with_capacity(parts.headers.len());
     for (name, value) in parts.headers.iter() {

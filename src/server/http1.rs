@@ -358,12 +358,16 @@ async fn next_head(
         } else {
             let deadline =
                 *deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEAD_TIMEOUT);
-            match tokio::time::timeout_at(deadline, read.read_buf(buf)).await {
-                Ok(n) => n,
-                Err(_) => {
-                    tracing::debug!(target: "server", "request head not complete within 30 s; closing");
-                    return Ok(None);
-                }
+            // A head half-sent when shutdown comes is not waited for.
+            tokio::select! {
+                n = tokio::time::timeout_at(deadline, read.read_buf(buf)) => match n {
+                    Ok(n) => n,
+                    Err(_) => {
+                        tracing::debug!(target: "server", "request head not complete within 30 s; closing");
+                        return Ok(None);
+                    }
+                },
+                _ = stop.wait_for(|s| *s) => return Ok(None),
             }
         };
         match n {

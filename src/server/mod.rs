@@ -1,14 +1,15 @@
-//! Listeners and graceful shutdown. `serve` accepts connections (HTTP/1.1 and HTTP/2 with
-//! prior knowledge, auto-detected; over TLS, HTTP/2 or HTTP/1.1 as negotiated by ALPN)
-//! until `shutdown` fires, then lets in-flight requests finish within the drain deadline.
-//! Requests that arrived over TLS carry the [`Secure`] extension.
+//! Listeners and graceful shutdown. `serve` accepts connections until `shutdown` fires, then
+//! lets in-flight requests finish within the drain deadline. Plain connections are sniffed
+//! (a `peek` of their first bytes): HTTP/1.1 is served by our own connection
+//! ([`http1`]: no buffer while idle, no channel per request), HTTP/2 with prior knowledge by
+//! hyper's server, and a first read that is an incomplete HTTP/2 preface by hyper's
+//! auto-detecting one. Over TLS, hyper serves HTTP/2 or HTTP/1.1 as ALPN negotiated.
+//! Requests that arrived over TLS carry the [`Secure`] extension; handlers see one body type,
+//! [`ClientBody`], whichever server read the request.
 //!
-//! Cost per connection and per request is kept low (see `benches/README.md`): a plain
-//! connection's first bytes are peeked to pick the HTTP/1 or HTTP/2 server directly (the
-//! auto-detecting server is only used when the first read is an incomplete HTTP/2 preface),
-//! which keeps an idle keep-alive connection small; the handler's future is boxed per
-//! request, so an idle connection does not hold a slot the size of that future; and the
-//! peer address is only attached to requests of listeners that read it.
+//! Cost per connection and per request is kept low (see `benches/README.md`): the handler's
+//! future is boxed per request, so an idle connection does not hold a slot the size of that
+//! future; and the peer address is only attached to requests of listeners that read it.
 //!
 //! I/O threads (`--io-threads`, set by `main` through [`set_io_threads`]): the proxy
 //! port's connections are handed, round robin, to threads that each run a single-threaded
