@@ -3,6 +3,7 @@
 //! until close), chunk-size lines, and vectored writes.
 
 use bytes::{Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH};
 use std::io::{self, IoSlice};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -192,6 +193,69 @@ pub async fn write_all_to<W: AsyncWrite + Unpin>(
     io.flush().await
 }
 
+/// Most headers in a message head.
+pub const MAX_HEADERS: usize = 100;
+
+/// Where a parsed head's header names and values lie in the buffer it was parsed from, so
+/// that the map can be built from slices of that buffer once it is frozen (no copies).
+pub struct Spans {
+    spans: [(usize, usize, usize, usize); MAX_HEADERS],
+    count: usize,
+}
+
+impl Spans {
+    /// The offsets of `headers` (parsed by httparse out of `buf`) in `buf`.
+    pub fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> Self {
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let count = headers.len().min(MAX_HEADERS);
+        for (span, h) in spans.iter_mut().zip(headers) {
+            let (n0, n1) = offsets(buf, h.name.as_bytes());
+            let (v0, v1) = offsets(buf, h.value);
+            *span = (n0, n1, v0, v1);
+        }
+        Self { spans, count }
+    }
+
+    /// The header map, its values slices of `head` (the buffer, frozen). The error says
+    /// which part was invalid: `"name"` or `"value"`.
+    pub fn into_map(&self, head: &Bytes) -> Result<HeaderMap, &'static str> {
+        let mut map = HeaderMap::with_capacity(self.count);
+        for &(n0, n1, v0, v1) in &self.spans[..self.count] {
+            let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| "name")?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v0..v1)).map_err(|_| "value")?;
+            map.append(name, value);
+        }
+        Ok(map)
+    }
+}
+
+/// Where `part` (a slice of `buf`) lies in `buf`; an empty span at 0 when it is not in it.
+pub fn offsets(buf: &[u8], part: &[u8]) -> (usize, usize) {
+    (part.as_ptr() as usize)
+        .checked_sub(buf.as_ptr() as usize)
+        .filter(|start| start + part.len() <= buf.len())
+        .map_or((0, 0), |start| (start, start + part.len()))
+}
+
+/// Whether the comma-separated values of `name` include `token` (any case), as
+/// `Connection: close`.
+pub fn has_token(map: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    map.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// A message's `Content-Length`: `None` when absent, not a number, or given several
+/// times with different values.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(CONTENT_LENGTH).iter();
+    let n = values.next()?.to_str().ok()?.trim().parse().ok()?;
+    values
+        .all(|v| v.to_str().ok().and_then(|v| v.trim().parse().ok()) == Some(n))
+        .then_some(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,6 +314,32 @@ mod tests {
             decode_all(Decoder::Chunked(Chunk::Size), b"5\r\nab", 100),
             Err(Malformed("cut"))
         ));
+    }
+
+    #[test]
+    fn header_maps_are_slices_of_the_head() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\nConnection: keep-alive, Close\r\n\r\nhello";
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        let len = match resp.parse(raw) {
+            Ok(httparse::Status::Complete(n)) => n,
+            other => panic!("{other:?}"),
+        };
+        let spans = Spans::of(raw, resp.headers);
+        let head = Bytes::copy_from_slice(&raw[..len]);
+        let map = spans.into_map(&head).expect("valid");
+        assert_eq!(map.get_all("x-a").iter().count(), 2);
+        assert_eq!(content_length(&map), Some(5));
+        assert!(has_token(&map, &http::header::CONNECTION, "close"));
+        assert_eq!(
+            offsets(raw, b"elsewhere"),
+            (0, 0),
+            "not a slice of the buffer"
+        );
+        let mut twice = HeaderMap::new();
+        twice.append(CONTENT_LENGTH, HeaderValue::from(3));
+        twice.append(CONTENT_LENGTH, HeaderValue::from(4));
+        assert_eq!(content_length(&twice), None, "disagreeing lengths");
     }
 
     #[test]

@@ -196,20 +196,12 @@ async fn raw_upstream(
 async fn interim_responses_are_skipped_and_a_body_ended_by_close_is_metered_whole() {
     const ANSWER: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"hi\"}]}}],\"usageMetadata\":{\"promptTokenCount\":7,\"candidatesTokenCount\":5,\"totalTokenCount\":12}}";
     let (addr, accepted) = raw_upstream(ANSWER).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("budgets.json");
-    std::fs::write(&config, CONFIG).unwrap();
-    let opts = common::options(&dir.path().join("state"), config, &format!("http://{addr}"));
-    let app = budget_proxy::app::start_with_clock(opts, Arc::new(budget_proxy::clock::SystemClock))
-        .await
-        .unwrap();
-    let http = reqwest::Client::new();
-    let url = format!(
-        "http://{}/agents/sage/v1beta/models/gemini-2.5-flash:generateContent",
-        app.proxy_addr
-    );
+    let h = Harness::start_with(CONFIG, Arc::new(budget_proxy::clock::SystemClock), |o| {
+        o.upstream = format!("http://{addr}")
+    })
+    .await;
     for round in 1..=2 {
-        let r = http.post(&url).json(&hello()).send().await.unwrap();
+        let r = h.generate("sage").await;
         assert_eq!(r.status(), 200);
         let body: serde_json::Value = r.json().await.unwrap();
         assert_eq!(
@@ -219,19 +211,5 @@ async fn interim_responses_are_skipped_and_a_body_ended_by_close_is_metered_whol
         // The connection ended with the body: the next request needs a new one.
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), round);
     }
-    let admin = format!("http://{}/api/budget/status/sage", app.admin_addr);
-    wait_until(|| async {
-        let s: serde_json::Value = http
-            .get(&admin)
-            .bearer_auth(common::ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        s["used_tokens"] == 24
-    })
-    .await;
-    app.shutdown().await;
+    wait_until(|| async { h.used("sage").await == 24 }).await;
 }

@@ -15,10 +15,12 @@
 
 use super::body::RequestBody;
 use super::upstream::Pool;
-use crate::wire::{chunk_size, write_all_to, Decoder, Step};
+use crate::wire::{
+    chunk_size, content_length, has_token, write_all_to, Decoder, Spans, Step, MAX_HEADERS,
+};
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
@@ -34,8 +36,6 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What the connector hands out, as a tokio stream.
 type Io = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
 
-/// Most headers in a response head.
-const MAX_HEADERS: usize = 100;
 /// Largest response head.
 const MAX_HEAD_BYTES: usize = 256 * 1024;
 /// What one read asks for at least.
@@ -252,8 +252,9 @@ impl H1Conn {
                 None => Decoder::Eof,
             }
         };
-        let reusable =
-            parts.version == Version::HTTP_11 && decoder != Decoder::Eof && !has_close(headers);
+        let reusable = parts.version == Version::HTTP_11
+            && decoder != Decoder::Eof
+            && !has_token(headers, &CONNECTION, "close");
         let mut body = H1Body {
             conn: Some(self),
             decoder,
@@ -317,56 +318,22 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<Response<()>>, BoxError> 
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(format!("the upstream's response head is malformed: {e}").into()),
     };
-    let base = buf.as_ptr() as usize;
-    let at = |s: &[u8]| {
-        (
-            s.as_ptr() as usize - base,
-            s.as_ptr() as usize - base + s.len(),
-        )
-    };
     let status = StatusCode::from_u16(resp.code.unwrap_or(0))
         .map_err(|_| "the upstream's response has an invalid status code")?;
     let version = match resp.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let count = resp.headers.len();
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-        let (n0, n1) = at(h.name.as_bytes());
-        let (v0, v1) = at(h.value);
-        *span = (n0, n1, v0, v1);
-    }
+    let spans = Spans::of(buf, resp.headers);
     let head = buf.split_to(len).freeze();
-    let mut map = HeaderMap::with_capacity(count);
-    for &(n0, n1, v0, v1) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[n0..n1])
-            .map_err(|_| "the upstream sent an invalid header name")?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
-            .map_err(|_| "the upstream sent an invalid header value")?;
-        map.append(name, value);
-    }
+    let map = spans
+        .into_map(&head)
+        .map_err(|part| format!("the upstream sent an invalid header {part}"))?;
     let mut out = Response::new(());
     *out.status_mut() = status;
     *out.version_mut() = version;
     *out.headers_mut() = map;
     Ok(Some(out))
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(CONTENT_LENGTH).iter();
-    let n = values.next()?.to_str().ok()?.trim().parse().ok()?;
-    // Several values must agree.
-    values
-        .all(|v| v.to_str().ok().and_then(|v| v.trim().parse().ok()) == Some(n))
-        .then_some(n)
-}
-
-fn has_close(headers: &HeaderMap) -> bool {
-    headers.get_all(CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
-    })
 }
 
 /// A response body read from its connection, which goes back to the pool at the body's end.

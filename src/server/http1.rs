@@ -23,11 +23,13 @@
 //! smuggling). HTTP/1.0 requests are answered and the connection closed.
 
 use super::{BoxFuture, ClientBody, PeerAddr};
-use crate::wire::{chunk_size, write_all, Chunk, Decoder, Step};
+use crate::wire::{
+    chunk_size, content_length, has_token, offsets, write_all, Chunk, Decoder, Spans, Step,
+    MAX_HEADERS,
+};
 use bytes::{Bytes, BytesMut};
 use http::header::{
-    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, EXPECT,
-    TRANSFER_ENCODING,
+    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, EXPECT, TRANSFER_ENCODING,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -43,8 +45,6 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 
-/// Most headers in a request head.
-const MAX_HEADERS: usize = 100;
 /// Largest request head.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// What one read of a head asks for.
@@ -110,38 +110,24 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         return Err(HeadError::TooLarge);
     }
     // Where each piece lies in `buf`, so that the map's values can be slices of the head.
-    let base = buf.as_ptr() as usize;
-    let at = |s: &[u8]| {
-        (
-            s.as_ptr() as usize - base,
-            s.as_ptr() as usize - base + s.len(),
-        )
-    };
     let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
         .map_err(|_| HeadError::Invalid("the request method is not a valid token"))?;
-    let target = at(req.path.unwrap_or_default().as_bytes());
+    let target = offsets(buf, req.path.unwrap_or_default().as_bytes());
     let version = match req.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let count = req.headers.len();
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
-        let (n0, n1) = at(h.name.as_bytes());
-        let (v0, v1) = at(h.value);
-        *span = (n0, n1, v0, v1);
-    }
+    let spans = Spans::of(buf, req.headers);
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
         .map_err(|_| HeadError::Invalid("the request target is not a valid URI"))?;
-    let mut map = HeaderMap::with_capacity(count);
-    for &(n0, n1, v0, v1) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[n0..n1])
-            .map_err(|_| HeadError::Invalid("a header name is not a valid token"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
-            .map_err(|_| HeadError::Invalid("a header value has invalid characters"))?;
-        map.append(name, value);
-    }
+    let map = spans.into_map(&head).map_err(|part| {
+        HeadError::Invalid(if part == "name" {
+            "a header name is not a valid token"
+        } else {
+            "a header value has invalid characters"
+        })
+    })?;
     let framing = framing(&map, version)?;
     let keep_alive = version == Version::HTTP_11 && !has_token(&map, &CONNECTION, "close");
     let expect_continue = version == Version::HTTP_11
@@ -159,14 +145,6 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         keep_alive,
         expect_continue,
     }))
-}
-
-/// Whether the comma-separated values of `name` include `token` (any case).
-fn has_token(map: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    map.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
 }
 
 /// The request body's framing (RFC 9112 §6.3), refusing what could smuggle a request.
@@ -459,7 +437,7 @@ impl Outgoing<'_> {
             || status == StatusCode::NOT_MODIFIED;
         let out = if no_body {
             Out::None
-        } else if let Some(n) = declared_length(headers) {
+        } else if let Some(n) = content_length(headers) {
             Out::Length(n)
         } else if let Some(n) = body.size_hint().exact() {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
@@ -587,16 +565,6 @@ impl Outgoing<'_> {
             None => Ok(()),
         }
     }
-}
-
-/// The response's own `Content-Length`, when it has exactly one valid value.
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(CONTENT_LENGTH).iter();
-    let n = values.next()?.to_str().ok()?.trim().parse().ok();
-    if values.next().is_some() {
-        return None;
-    }
-    n
 }
 
 /// The status line and headers, as HTTP/1.1 writes them.
