@@ -443,8 +443,11 @@ impl Outgoing<'_> {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
             Out::Length(n)
         } else if self.http10 {
+            // A Content-Length that is not a number is not passed on.
+            headers.remove(CONTENT_LENGTH);
             Out::Close
         } else {
+            headers.remove(CONTENT_LENGTH);
             headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
             Out::Chunked
         };
@@ -458,8 +461,8 @@ impl Outgoing<'_> {
         let mut head = Vec::with_capacity(64 + 40 * headers.len());
         encode_head(status, headers, &mut head);
         if out == Out::None {
-            // Dropped unpolled: a metered body gives its upstream connection back if it
-            // was empty (see `proxy::metered`).
+            // Dropped unpolled (an empty upstream body gave its connection back already,
+            // see `proxy::h1client`).
             drop(body);
             return write_all(self.write, &mut [IoSlice::new(&head)])
                 .await
