@@ -306,3 +306,32 @@ async fn refused_heads_get_a_clear_error_and_the_connection_closes() {
     }
     assert_eq!(h.mock.request_count(), 0, "nothing reached the upstream");
 }
+
+#[tokio::test]
+async fn a_request_parked_after_its_chunked_body_notices_its_client_leaving() {
+    const QUEUE: &str = r#"{
+      "default": {"max_tokens": 1000000, "period": "monthly", "action_on_limit": "warn"},
+      "agents": {"spark": {"max_tokens": 1, "period": "monthly", "action_on_limit": "queue",
+                           "queue": {"max_wait_seconds": 30, "max_depth": 3}}}
+    }"#;
+    let h = Harness::start(QUEUE).await;
+    // Spend the budget.
+    let r = h.generate("spark").await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    // A chunked body is read by the body itself (it arrives after the head), which gives
+    // the connection's reading half back at its end: the request then parks.
+    let mut c = Raw::connect(&h).await;
+    c.send(b"POST /agents/spark/v1beta/models/gemini-2.5-flash:generateContent HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await;
+    c.send(format!("{:x}\r\n{BODY}\r\n0\r\n\r\n", BODY.len()).as_bytes())
+        .await;
+    common::wait_until(|| async { h.status("spark").await["queued"] == 1 }).await;
+    drop(c);
+    common::wait_until(|| async { h.status("spark").await["queued"] == 0 }).await;
+    assert_eq!(
+        h.mock.request_count(),
+        1,
+        "the parked request never reached Google"
+    );
+}

@@ -272,13 +272,28 @@ pub(super) async fn serve_connection<H, B>(
             parts.extensions.insert(PeerAddr(peer));
         }
         let mut response = handler(Request::from_parts(parts, ClientBody::Own(body)));
-        // The client is watched only while this loop holds the reading half.
-        let resp = match read.as_mut() {
-            Some(reader) => tokio::select! {
-                resp = &mut response => resp,
-                () = client_gone(reader, &mut buf) => return,
-            },
-            None => response.await,
+        // The client is watched while this loop holds the reading half: from the start, or
+        // once a body that was still arriving gave it back (a request parked after reading
+        // its body must still notice its client leaving).
+        let mut back = back;
+        let resp = loop {
+            match (read.as_mut(), back.as_mut()) {
+                (Some(reader), _) => tokio::select! {
+                    resp = &mut response => break resp,
+                    () = client_gone(reader, &mut buf) => return,
+                },
+                (None, Some(rx)) => tokio::select! {
+                    resp = &mut response => break resp,
+                    given = rx => {
+                        back = None;
+                        if let Ok((reader, rest)) = given {
+                            read = Some(reader);
+                            buf = rest;
+                        }
+                    }
+                },
+                (None, None) => break response.await,
+            }
         };
         // A body read to its end gave the reading half back; one that was not leaves the
         // connection at an unknown place in the stream, so the response says it closes.
