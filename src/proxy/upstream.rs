@@ -24,9 +24,8 @@
 use super::body::RequestBody;
 use super::h1client::{H1Body, H1Conn};
 use anyhow::Context as _;
-use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
@@ -177,41 +176,9 @@ pub enum UpstreamError {
     Send(#[source] BoxError),
 }
 
-/// A response body from the upstream: over our HTTP/1.1 connection, or hyper's HTTP/2.
-#[derive(Debug)]
-pub enum UpstreamBody {
-    H1(H1Body),
-    H2(Incoming),
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx),
-            UpstreamBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::H1(b) => b.is_end_stream(),
-            UpstreamBody::H2(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::H1(b) => b.size_hint(),
-            UpstreamBody::H2(b) => b.size_hint(),
-        }
-    }
-}
+/// A response body from the upstream: over our HTTP/1.1 connection (`Either::Left`), or
+/// hyper's HTTP/2 (`Either::Right`). `Either`'s errors are boxed.
+pub type UpstreamBody = Either<H1Body, Incoming>;
 
 /// Idle HTTP/1.1 connections kept per pool at most (hyper-util's pool had the same cap).
 const MAX_IDLE: usize = 1024;
@@ -290,7 +257,7 @@ impl Pool {
                 Conn::H2(mut conn) => {
                     self.http2_form(&mut req);
                     match conn.try_send_request(req).await {
-                        Ok(resp) => return Ok(resp.map(UpstreamBody::H2)),
+                        Ok(resp) => return Ok(resp.map(Either::Right)),
                         Err(mut e) => match e.take_message() {
                             // A pooled connection that closed before the request went out
                             // (a GOAWAY): nothing was sent, try a fresh one. A fresh
@@ -307,7 +274,7 @@ impl Pool {
                 Conn::H1(conn) => {
                     self.http1_form(&mut req);
                     match conn.send(&mut req, &self).await {
-                        Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
+                        Ok(resp) => return Ok(resp.map(Either::Left)),
                         // A pooled connection the upstream had closed, met on the write:
                         // the request did not go out (a body known in full stayed in
                         // `req`), send it on a fresh one. Never after a write that went

@@ -271,7 +271,10 @@ pub(super) async fn serve_connection<H, B>(
         if let Some(peer) = peer {
             parts.extensions.insert(PeerAddr(peer));
         }
-        let mut response = handler(Request::from_parts(parts, ClientBody::Own(body)));
+        let mut response = handler(Request::from_parts(
+            parts,
+            http_body_util::Either::Right(body),
+        ));
         // The client is watched while this loop holds the reading half: from the start, or
         // once a body that was still arriving gave it back (a request parked after reading
         // its body must still notice its client leaving).

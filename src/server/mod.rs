@@ -22,8 +22,7 @@
 mod http1;
 
 use crate::tls::{Secure, HANDSHAKE_TIMEOUT};
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
@@ -33,10 +32,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -142,44 +139,10 @@ async fn sniff(stream: &TcpStream) -> Sniffed {
 /// The error of a request body: hyper's, or our HTTP/1.1 connection's.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A request's body as handlers receive it: from our HTTP/1.1 connection (plain HTTP/1.1,
-/// see [`http1`]) or from hyper (HTTP/2, and everything over TLS).
-#[derive(Debug)]
-pub enum ClientBody {
-    /// From hyper's servers.
-    Hyper(Incoming),
-    /// From our HTTP/1.1 connection.
-    Own(http1::RecvBody),
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            ClientBody::Own(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ClientBody::Hyper(b) => b.is_end_stream(),
-            ClientBody::Own(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ClientBody::Hyper(b) => b.size_hint(),
-            ClientBody::Own(b) => b.size_hint(),
-        }
-    }
-}
+/// A request's body as handlers receive it: from hyper (HTTP/2, and everything over TLS;
+/// `Either::Left`) or from our HTTP/1.1 connection (plain HTTP/1.1, see [`http1`];
+/// `Either::Right`). `Either`'s errors are boxed: [`BodyError`].
+pub type ClientBody = Either<Incoming, http1::RecvBody>;
 
 /// A boxed, sendable future: what a handler returns. Boxed because hyper keeps one slot of
 /// the service future's size in every connection, idle or not.
@@ -237,7 +200,7 @@ where
         let h = handler.clone();
         let secure = tls.is_some();
         let svc = service_fn(move |req: Request<Incoming>| {
-            let mut req = req.map(ClientBody::Hyper);
+            let mut req = req.map(Either::Left);
             if tag_peer {
                 req.extensions_mut().insert(PeerAddr(peer));
             }
