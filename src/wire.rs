@@ -196,31 +196,38 @@ pub async fn write_all_to<W: AsyncWrite + Unpin>(
 /// Most headers in a message head.
 pub const MAX_HEADERS: usize = 100;
 
+/// Room for `MAX_HEADERS` parsed headers, left uninitialised: httparse writes only the
+/// headers it finds, and zeroing 100 of them (3.2 KiB) cost more than parsing a short head.
+pub fn header_slots<'b>() -> [std::mem::MaybeUninit<httparse::Header<'b>>; MAX_HEADERS] {
+    [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS]
+}
+
 /// Where a parsed head's header names and values lie in the buffer it was parsed from, so
 /// that the map can be built from slices of that buffer once it is frozen (no copies).
-pub struct Spans {
-    spans: [(usize, usize, usize, usize); MAX_HEADERS],
-    count: usize,
-}
+/// As long as the head has headers (not a fixed array of `MAX_HEADERS`: no zeroing).
+pub struct Spans(Vec<[usize; 4]>);
 
 impl Spans {
     /// The offsets of `headers` (parsed by httparse out of `buf`) in `buf`.
     pub fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> Self {
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-        let count = headers.len().min(MAX_HEADERS);
-        for (span, h) in spans.iter_mut().zip(headers) {
-            let (n0, n1) = offsets(buf, h.name.as_bytes());
-            let (v0, v1) = offsets(buf, h.value);
-            *span = (n0, n1, v0, v1);
-        }
-        Self { spans, count }
+        Self(
+            headers
+                .iter()
+                .map(|h| {
+                    let (n0, n1) = offsets(buf, h.name.as_bytes());
+                    let (v0, v1) = offsets(buf, h.value);
+                    [n0, n1, v0, v1]
+                })
+                .collect(),
+        )
     }
 
-    /// The header map, its values slices of `head` (the buffer, frozen). The error says
-    /// which part was invalid: `"name"` or `"value"`.
-    pub fn into_map(&self, head: &Bytes) -> Result<HeaderMap, &'static str> {
-        let mut map = HeaderMap::with_capacity(self.count);
-        for &(n0, n1, v0, v1) in &self.spans[..self.count] {
+    /// The header map, its values slices of `head` (the buffer, frozen), with room for
+    /// `extra` more headers (those the proxy adds: no re-hashing of a grown map). The error
+    /// says which part was invalid: `"name"` or `"value"`.
+    pub fn into_map(&self, head: &Bytes, extra: usize) -> Result<HeaderMap, &'static str> {
+        let mut map = HeaderMap::with_capacity(self.0.len() + extra);
+        for &[n0, n1, v0, v1] in &self.0 {
             let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| "name")?;
             let value = HeaderValue::from_maybe_shared(head.slice(v0..v1)).map_err(|_| "value")?;
             map.append(name, value);
@@ -319,15 +326,19 @@ mod tests {
     #[test]
     fn header_maps_are_slices_of_the_head() {
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\nConnection: keep-alive, Close\r\n\r\nhello";
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut headers);
-        let len = match resp.parse(raw) {
+        let mut headers = header_slots();
+        let mut resp = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            raw,
+            &mut headers,
+        ) {
             Ok(httparse::Status::Complete(n)) => n,
             other => panic!("{other:?}"),
         };
         let spans = Spans::of(raw, resp.headers);
         let head = Bytes::copy_from_slice(&raw[..len]);
-        let map = spans.into_map(&head).expect("valid");
+        let map = spans.into_map(&head, 0).expect("valid");
         assert_eq!(map.get_all("x-a").iter().count(), 2);
         assert_eq!(content_length(&map), Some(5));
         assert!(has_token(&map, &http::header::CONNECTION, "close"));

@@ -152,10 +152,30 @@ impl<'de> Deserialize<'de> for Count {
 ///
 /// Also reads the snake_case spellings, and a count sent as a string (proto3 JSON allows it).
 pub fn max_output_tokens(body: &[u8]) -> Option<u64> {
+    if !may_name_output_cap(body) {
+        return None;
+    }
     let h = hints(body)?;
     h.generation_config_camel
         .and_then(|c| c.0)
         .or_else(|| h.generation_config_snake.and_then(|c| c.0))
+}
+
+/// Whether `body` may hold a `maxOutputTokens` (or `max_output_tokens`) key. Most requests
+/// never set the cap: searching the body for the two names (SIMD) costs a fraction of
+/// parsing it, on every request. A key can only be spelt differently with `\u` escapes
+/// (no other JSON escape makes a letter or `_`), so a body with any goes to the parser.
+fn may_name_output_cap(body: &[u8]) -> bool {
+    use memchr::memmem::Finder;
+    use std::sync::LazyLock;
+    static NAMES: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
+        [
+            Finder::new("maxOutputTokens"),
+            Finder::new("max_output_tokens"),
+            Finder::new("\\u"),
+        ]
+    });
+    NAMES.iter().any(|f| f.find(body).is_some())
 }
 
 /// The top-level `cachedContent` name of a request body (`cachedContents/…`), if any.
@@ -314,6 +334,8 @@ mod tests {
             r#"{"generationConfig":{"maxOutputTokens":5,"maxOutputTokens":"x"}}"#,
             r#"{"generationConfig":{"max_output_tokens":5,"maxOutputTokens":"x"}}"#,
             r#"{"generationConfig":{"max\u004futputTokens":8}}"#,
+            r#"{"generation_config":{"max_outp\u0075t_tokens":5}}"#,
+            r#"{"contents":[{"parts":[{"text":"say maxOutputTokens"}]}]}"#,
             r#"{"generationConfig":{},"generation_config":{"maxOutputTokens":3}}"#,
             r#"{"generationConfig":{"maxOutputTokens":"a"},"generation_config":{"maxOutputTokens":3}}"#,
             r#"{"generationConfig":[],"generation_config":{"maxOutputTokens":3}}"#,

@@ -16,7 +16,7 @@
 use super::body::RequestBody;
 use super::upstream::Pool;
 use crate::wire::{
-    chunk_size, content_length, has_token, write_all_to, Decoder, Spans, Step, MAX_HEADERS,
+    chunk_size, content_length, has_token, header_slots, write_all_to, Decoder, Spans, Step,
 };
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
@@ -306,11 +306,19 @@ fn encode_head(req: &Request<RequestBody>, out: &Out, head: &mut Vec<u8>) {
     head.extend_from_slice(b"\r\n");
 }
 
+/// Headers the proxy adds to a response on its way back (the `x-budget-*` ones): the map
+/// is made with room for them, so that adding them does not grow and re-hash it.
+const RESPONSE_HEADERS_ADDED: usize = 6;
+
 /// A response head at the start of `buf`, taken out of `buf` when complete.
 fn parse_response(buf: &mut BytesMut) -> Result<Option<Response<()>>, BoxError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
+    let mut headers = header_slots();
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
             return Err("the upstream's response head is larger than 256 KiB".into())
@@ -327,7 +335,7 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<Response<()>>, BoxError> 
     let spans = Spans::of(buf, resp.headers);
     let head = buf.split_to(len).freeze();
     let map = spans
-        .into_map(&head)
+        .into_map(&head, RESPONSE_HEADERS_ADDED)
         .map_err(|part| format!("the upstream sent an invalid header {part}"))?;
     let mut out = Response::new(());
     *out.status_mut() = status;

@@ -24,8 +24,8 @@
 
 use super::{BoxFuture, ClientBody, PeerAddr};
 use crate::wire::{
-    chunk_size, content_length, has_token, offsets, write_all, Chunk, Decoder, Spans, Step,
-    MAX_HEADERS,
+    chunk_size, content_length, has_token, header_slots, offsets, write_all, Chunk, Decoder, Spans,
+    Step, MAX_HEADERS,
 };
 use bytes::{Bytes, BytesMut};
 use http::header::{
@@ -93,11 +93,16 @@ struct Head {
     expect_continue: bool,
 }
 
+/// Headers the proxy may set on a request before sending it on (`Host`, the API key): the
+/// map is made with room for them. `HeaderMap` grows (and re-hashes) when an insert finds it
+/// full, even when the insert replaces a header it already has.
+const REQUEST_HEADERS_ADDED: usize = 2;
+
 /// Parse a request head at the start of `buf`, taking it out of `buf` when complete.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    let mut headers = header_slots();
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
             return Err(HeadError::TooLarge)
@@ -121,13 +126,15 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
         .map_err(|_| HeadError::Invalid("the request target is not a valid URI"))?;
-    let map = spans.into_map(&head).map_err(|part| {
-        HeadError::Invalid(if part == "name" {
-            "a header name is not a valid token"
-        } else {
-            "a header value has invalid characters"
-        })
-    })?;
+    let map = spans
+        .into_map(&head, REQUEST_HEADERS_ADDED)
+        .map_err(|part| {
+            HeadError::Invalid(if part == "name" {
+                "a header name is not a valid token"
+            } else {
+                "a header value has invalid characters"
+            })
+        })?;
     let framing = framing(&map, version)?;
     let keep_alive = version == Version::HTTP_11 && !has_token(&map, &CONNECTION, "close");
     let expect_continue = version == Version::HTTP_11

@@ -206,7 +206,9 @@ impl Store for LocalStore {
         for op in ops {
             match op {
                 StoreOp::Add(d) => {
-                    tx.execute(
+                    // Cached statements: SQLite parses each once per connection, not per
+                    // flush (parsing was most of a flush's cost).
+                    tx.prepare_cached(
                         "INSERT INTO period_usage (agent, period_start, period_end, model,
                             prompt_tokens, completion_tokens, cached_tokens, total_tokens,
                             requests, blocked, cost_pico)
@@ -220,21 +222,21 @@ impl Store for LocalStore {
                             requests = requests + excluded.requests,
                             blocked = blocked + excluded.blocked,
                             cost_pico = cost_pico + excluded.cost_pico",
-                        params![
-                            d.agent,
-                            d.period_start,
-                            d.period_end,
-                            d.model,
-                            to_i64(d.prompt_tokens),
-                            to_i64(d.completion_tokens),
-                            to_i64(d.cached_tokens),
-                            to_i64(d.total_tokens),
-                            to_i64(d.requests),
-                            to_i64(d.blocked),
-                            i64::try_from(d.cost_pico).unwrap_or(i64::MAX),
-                        ],
-                    )?;
-                    tx.execute(
+                    )?
+                    .execute(params![
+                        d.agent,
+                        d.period_start,
+                        d.period_end,
+                        d.model,
+                        to_i64(d.prompt_tokens),
+                        to_i64(d.completion_tokens),
+                        to_i64(d.cached_tokens),
+                        to_i64(d.total_tokens),
+                        to_i64(d.requests),
+                        to_i64(d.blocked),
+                        i64::try_from(d.cost_pico).unwrap_or(i64::MAX),
+                    ])?;
+                    tx.prepare_cached(
                         "INSERT INTO usage_hourly (agent, hour_start, model, prompt_tokens,
                             completion_tokens, cached_tokens, total_tokens, requests, blocked,
                             cost_pico)
@@ -247,19 +249,19 @@ impl Store for LocalStore {
                             requests = requests + excluded.requests,
                             blocked = blocked + excluded.blocked,
                             cost_pico = cost_pico + excluded.cost_pico",
-                        params![
-                            d.agent,
-                            d.hour_start,
-                            d.model,
-                            to_i64(d.prompt_tokens),
-                            to_i64(d.completion_tokens),
-                            to_i64(d.cached_tokens),
-                            to_i64(d.total_tokens),
-                            to_i64(d.requests),
-                            to_i64(d.blocked),
-                            i64::try_from(d.cost_pico).unwrap_or(i64::MAX),
-                        ],
-                    )?;
+                    )?
+                    .execute(params![
+                        d.agent,
+                        d.hour_start,
+                        d.model,
+                        to_i64(d.prompt_tokens),
+                        to_i64(d.completion_tokens),
+                        to_i64(d.cached_tokens),
+                        to_i64(d.total_tokens),
+                        to_i64(d.requests),
+                        to_i64(d.blocked),
+                        i64::try_from(d.cost_pico).unwrap_or(i64::MAX),
+                    ])?;
                 }
                 StoreOp::Rekey {
                     agent,
