@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
+const GENERATE: &str = "/agents/sage/v1beta/models/gemini-2.5-flash:generateContent";
 
 /// A generateContent of `sage` that must answer 200, read to its end (so its upstream
 /// connection can go back to the pool).
@@ -72,6 +73,51 @@ async fn an_upstream_that_closes_idle_connections_costs_no_request() {
     assert_eq!(h.mock.request_count(), 4);
     assert_eq!(h.mock.connections(), 4);
     assert_eq!(h.used("sage").await, 4 * 30);
+}
+
+/// More pooled connections than tokio's cooperative budget (128 readiness polls per task
+/// poll), all closed by the upstream at once: the request that checks them one after the
+/// other must not take the 129th for usable because its task ran out of budget.
+#[tokio::test]
+async fn an_upstream_that_closes_more_connections_than_a_task_budget_costs_no_request() {
+    const CONNS: usize = 150;
+    let h = Harness::start(CONFIG).await;
+    // Held answers: every request is in flight at once, each on a connection of its own.
+    let (release, hold) = tokio::sync::watch::channel(false);
+    h.mock.set_behavior(Behavior::new().hold(hold));
+    let requests: Vec<_> = (0..CONNS)
+        .map(|_| {
+            let (http, url) = (h.http.clone(), h.url(GENERATE));
+            tokio::spawn(async move {
+                let r = http.post(url).json(&hello()).send().await.unwrap();
+                let status = r.status();
+                let body = r.text().await.unwrap();
+                assert_eq!(status, 200, "{body}");
+            })
+        })
+        .collect();
+    tokio::time::timeout(WAIT, h.mock.wait_for_requests(CONNS))
+        .await
+        .unwrap();
+    release.send_replace(true);
+    for r in requests {
+        tokio::time::timeout(WAIT, r).await.unwrap().unwrap();
+    }
+    assert_eq!(
+        h.mock.connections(),
+        CONNS,
+        "one upstream connection per request"
+    );
+    h.mock.set_behavior(Behavior::new());
+    h.mock.close_idle_connections();
+    tokio::time::timeout(WAIT, h.mock.wait_for_open_connections(0))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        generate_ok(&h).await;
+    }
+    assert_eq!(h.mock.request_count(), CONNS + 3);
+    assert_eq!(h.mock.connections(), CONNS + 1);
 }
 
 #[tokio::test]

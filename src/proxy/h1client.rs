@@ -24,6 +24,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -97,10 +98,19 @@ impl H1Conn {
 
     /// Whether this idle connection can take a request: nothing arrived on it since its
     /// last response (tokio's cached readiness, no syscall).
+    ///
+    /// Asked outside tokio's cooperative budget: a task that has used its budget (checking
+    /// more than 128 closed connections in one go, after the upstream closed them all) gets
+    /// `Pending` from any readiness poll, which would pass a closed connection as usable.
     pub fn is_usable(&self) -> bool {
-        self.tcp()
-            .poll_read_ready(&mut Context::from_waker(Waker::noop()))
-            .is_pending()
+        let tcp = self.tcp();
+        let check = tokio::task::unconstrained(std::future::poll_fn(|cx| {
+            Poll::Ready(tcp.poll_read_ready(cx).is_pending())
+        }));
+        match std::pin::pin!(check).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(usable) => usable,
+            Poll::Pending => false,
+        }
     }
 
     /// Send `req` (origin form, `Host` set) and read the response head. A body known in

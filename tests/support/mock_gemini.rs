@@ -120,6 +120,9 @@ pub struct Behavior {
     pub chunk_delay: Duration,
     /// Delay after the request was received (and recorded) before the response head.
     pub delay_before_headers: Duration,
+    /// After the request was recorded (and the delay), wait until this turns true: the
+    /// test holds answers until as many requests as it wants are in flight.
+    pub hold: Option<tokio::sync::watch::Receiver<bool>>,
     /// HTTP status (default 200). Non-200 → Gemini error body on every known route.
     pub status: u16,
     /// Message of the error body (default: a Gemini-like message for the status).
@@ -148,6 +151,7 @@ impl Default for Behavior {
             chunks: 3,
             chunk_delay: Duration::ZERO,
             delay_before_headers: Duration::ZERO,
+            hold: None,
             status: 200,
             error_message: None,
             cut_after_chunks: None,
@@ -195,6 +199,11 @@ impl Behavior {
     }
     pub fn delay_before_headers(mut self, d: Duration) -> Self {
         self.delay_before_headers = d;
+        self
+    }
+
+    pub fn hold(mut self, until: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.hold = Some(until);
         self
     }
     pub fn status(mut self, status: u16) -> Self {
@@ -605,6 +614,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody>
     });
     if !b.delay_before_headers.is_zero() {
         tokio::time::sleep(b.delay_before_headers).await;
+    }
+    if let Some(mut hold) = b.hold.clone() {
+        // A dropped sender lets everything go.
+        let _ = hold.wait_for(|go| *go).await;
     }
     if matches!(route, Route::NotFound) {
         return error_response(404, Some("Requested entity was not found."));
