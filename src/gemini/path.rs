@@ -28,18 +28,15 @@ const COLLECTIONS: [&str; 2] = ["models", "tunedModels"];
 pub fn parse_model_call(path: &str) -> Option<ModelCall<'_>> {
     let path = strip_query(path).0;
     let rest = path.strip_prefix('/')?;
-    let mut segments = rest.split('/');
-    let version = segments.next()?;
-    let collection = segments.next()?;
-    let last = segments.next()?;
-    if segments.next().is_some() {
-        return None;
-    }
-    if !is_version(version) || !COLLECTIONS.contains(&collection) {
-        return None;
-    }
+    let (version, rest) = rest.split_once('/')?;
+    let (collection, last) = rest.split_once('/')?;
     let (model, method) = last.split_once(':')?;
-    if !is_model_id(model) || !is_method(method) {
+    // A fourth segment would put a `/` in the model or the method, which neither allows.
+    if !is_version(version)
+        || !COLLECTIONS.contains(&collection)
+        || !is_model_id(model)
+        || !is_method(method)
+    {
         return None;
     }
     Some(ModelCall {
@@ -164,6 +161,8 @@ mod tests {
             "/v1beta/openai/chat/completions",
             "/v1beta/models/a b:generateContent",
             "/v1beta/models/x:gen:erate",
+            "/v1beta/models/a/b:generateContent",
+            "/v1beta/models//gemini-2.5-flash:generateContent",
         ] {
             assert_eq!(parse_model_call(p), None, "{p}");
         }

@@ -446,6 +446,41 @@ static STRUCTURAL: [bool; 256] = {
     t
 };
 
+/// The index of the first structural byte (see [`STRUCTURAL`]) in `chunk[i..]`, or
+/// `chunk.len()`: what lies between JSON strings (white space, numbers, `,` `:`, literals)
+/// skipped eight bytes at a time (pretty-printed bodies are mostly indentation).
+#[inline(always)]
+fn skip_plain(chunk: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // Bytes of `x` that are zero have their high bit set; exact up to the first such byte,
+    // which is all that is used (borrows only disturb the bytes above it).
+    let zeros = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    while let Some(word) = chunk
+        .get(i..i + 8)
+        .and_then(|w| <[u8; 8]>::try_from(w).ok())
+    {
+        let v = u64::from_le_bytes(word);
+        // `{` `}` `[` `]` all read 0x79 with bit 5 set and bits 1-2 cleared (so do `y`, `Y`,
+        // `_` and DEL: checked against the table below).
+        let bracket = ((v | (ONES * 0x20)) & (ONES * 0xF9)) ^ (ONES * 0x79);
+        let marks = zeros(v ^ (ONES * u64::from(b'"'))) | zeros(bracket);
+        if marks == 0 {
+            i += 8;
+            continue;
+        }
+        let at = i + (marks.trailing_zeros() / 8) as usize;
+        if STRUCTURAL[usize::from(word[at - i])] {
+            return at;
+        }
+        i = at + 1;
+    }
+    while i < chunk.len() && !STRUCTURAL[usize::from(chunk[i])] {
+        i += 1;
+    }
+    i
+}
+
 /// Incremental scanner over a response body.
 ///
 /// Feed it every chunk of a response body, in order, split anywhere; it finds the
@@ -674,10 +709,7 @@ impl UsageScanner {
                     }
                 }
                 _ => {
-                    i += 1;
-                    while i < n && !STRUCTURAL[usize::from(chunk[i])] {
-                        i += 1;
-                    }
+                    i = skip_plain(chunk, i + 1);
                 }
             }
         }
@@ -942,6 +974,30 @@ fn swar_quote(s: &[u8], at: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skip_plain_stops_where_the_byte_table_says() {
+        // Every byte value at every offset of a word, between plain bytes.
+        for b in 0..=255u8 {
+            for at in 0..20 {
+                let mut chunk = vec![b' '; 24];
+                chunk[at] = b;
+                let want = (0..chunk.len())
+                    .find(|&k| STRUCTURAL[usize::from(chunk[k])])
+                    .unwrap_or(chunk.len());
+                for from in 0..=at {
+                    let from_want = if want >= from { want } else { chunk.len() };
+                    assert_eq!(
+                        skip_plain(&chunk, from),
+                        from_want,
+                        "byte {b} at {at} from {from}"
+                    );
+                }
+            }
+        }
+        assert_eq!(skip_plain(b"  yY_\x7f 12, \n  ]", 0), 14);
+        assert_eq!(skip_plain(b"", 0), 0);
+    }
 
     fn scan(body: &[u8]) -> UsageScanner {
         let mut s = UsageScanner::new();

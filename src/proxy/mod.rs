@@ -612,7 +612,10 @@ pub(crate) async fn dispatch(
     let sent_at = std::time::Instant::now();
     let sent = tokio::time::timeout(
         shared.settings.upstream_timeout,
-        shared.client.request(upstream_req),
+        // Boxed: the upstream exchange is about half of this future (2.2 of 4.8 KiB), and
+        // the handler's future is moved whole at each level it is built up through (into
+        // its box, into its caller's state) on every request.
+        Box::pin(shared.client.request(upstream_req)),
     )
     .await;
     trace.upstream_wait = sent_at.elapsed();

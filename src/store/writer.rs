@@ -3,7 +3,6 @@
 //! A `kill -9` loses at most one interval; [`Writer::close`] flushes everything.
 
 use super::{Store, StoreOp, UsageDelta};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -62,7 +61,7 @@ async fn run(
     flush_now: Arc<tokio::sync::Notify>,
     every: Duration,
 ) {
-    let mut pending: Vec<StoreOp> = Vec::new();
+    let mut pending = Batch::default();
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -87,8 +86,8 @@ async fn run(
             }
         }
         let due = closed || ticked || !waiters.is_empty();
-        if due && !pending.is_empty() {
-            let batch = coalesce(std::mem::take(&mut pending));
+        if due && !pending.ops.is_empty() {
+            let batch = pending.take();
             let store = store.clone();
             let result = tokio::task::spawn_blocking(move || {
                 let r = store.apply(&batch);
@@ -99,7 +98,11 @@ async fn run(
                 Ok((Ok(()), _)) => {}
                 Ok((Err(e), batch)) => {
                     tracing::error!(target: "store", error = %e, "store write failed; will retry");
-                    pending = batch;
+                    // Ahead of what arrived since, as it came first.
+                    let newer = pending.take();
+                    for op in batch.into_iter().chain(newer) {
+                        pending.push(op);
+                    }
                 }
                 Err(e) => tracing::error!(target: "store", error = %e, "store task panicked"),
             }
@@ -113,41 +116,66 @@ async fn run(
     }
 }
 
-/// Merge `Add`s to the same row that are not separated by a rekey or reset, so a busy agent
-/// costs one upsert per flush instead of one per request.
-fn coalesce(ops: Vec<StoreOp>) -> Vec<StoreOp> {
-    let mut out: Vec<StoreOp> = Vec::with_capacity(ops.len());
-    let mut index: HashMap<(String, i64, String, i64), usize> = HashMap::new();
-    for op in ops {
+/// The key of a usage row: agent, period start, model, hour.
+type RowKey = (String, i64, String, i64);
+
+/// A [`RowKey`] borrowed from a delta: looked up without allocating. Hashes as the tuple
+/// does (field by field, in order), as `Equivalent` requires.
+#[derive(Hash)]
+struct RowRef<'a>(&'a str, i64, &'a str, i64);
+
+impl hashbrown::Equivalent<RowKey> for RowRef<'_> {
+    fn equivalent(&self, k: &RowKey) -> bool {
+        self.0 == k.0 && self.1 == k.1 && self.2 == k.2 && self.3 == k.3
+    }
+}
+
+/// The ops waiting for the next flush, merged as they arrive: `Add`s to the same row that
+/// are not separated by a rekey or reset become one, so a busy agent costs one upsert per
+/// flush, and the batch holds one op per row, not one per request (a queue of every
+/// request's op grew by re-allocation to megabytes between flushes under load).
+#[derive(Default)]
+struct Batch {
+    ops: Vec<StoreOp>,
+    /// Where each row's `Add` is in `ops`, since the last rekey or reset.
+    rows: hashbrown::HashMap<RowKey, usize, foldhash::fast::RandomState>,
+}
+
+impl Batch {
+    fn push(&mut self, op: StoreOp) {
         match op {
             StoreOp::Add(d) => {
+                let at = self
+                    .rows
+                    .get(&RowRef(&d.agent, d.period_start, &d.model, d.hour_start))
+                    .copied();
+                if let Some(StoreOp::Add(acc)) = at.and_then(|i| self.ops.get_mut(i)) {
+                    add_into(acc, &d);
+                    return;
+                }
                 let key = (
                     d.agent.clone(),
                     d.period_start,
                     d.model.clone(),
                     d.hour_start,
                 );
-                match index.get(&key) {
-                    Some(&i) => {
-                        if let Some(StoreOp::Add(acc)) = out.get_mut(i) {
-                            add_into(acc, &d);
-                        }
-                    }
-                    None => {
-                        index.insert(key, out.len());
-                        out.push(StoreOp::Add(d));
-                    }
-                }
+                self.rows.insert(key, self.ops.len());
+                self.ops.push(StoreOp::Add(d));
             }
             // An alert touches no usage row: Adds on either side still merge.
-            alert @ StoreOp::Alert(_) => out.push(alert),
+            alert @ StoreOp::Alert(_) => self.ops.push(alert),
             other => {
-                index.clear();
-                out.push(other);
+                self.rows.clear();
+                self.ops.push(other);
             }
         }
     }
-    out
+
+    /// The merged ops, in order; the batch is empty after.
+    fn take(&mut self) -> Vec<StoreOp> {
+        self.rows.clear();
+        std::mem::take(&mut self.ops)
+    }
 }
 
 fn add_into(acc: &mut UsageDelta, d: &UsageDelta) {
@@ -159,4 +187,85 @@ fn add_into(acc: &mut UsageDelta, d: &UsageDelta) {
     acc.requests += d.requests;
     acc.blocked += d.blocked;
     acc.cost_pico += d.cost_pico;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::AlertRow;
+
+    fn add(agent: &str, model: &str, hour: i64, tokens: u64) -> StoreOp {
+        StoreOp::Add(UsageDelta {
+            agent: agent.into(),
+            period_start: 100,
+            model: model.into(),
+            hour_start: hour,
+            total_tokens: tokens,
+            requests: 1,
+            ..Default::default()
+        })
+    }
+
+    fn totals(ops: &[StoreOp]) -> Vec<(String, String, u64, u64)> {
+        ops.iter()
+            .filter_map(|op| match op {
+                StoreOp::Add(d) => {
+                    Some((d.agent.clone(), d.model.clone(), d.total_tokens, d.requests))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn adds_to_one_row_merge_as_they_arrive_and_others_stay_apart() {
+        let mut b = Batch::default();
+        for op in [
+            add("a", "m", 0, 1),
+            add("b", "m", 0, 10),
+            add("a", "m", 0, 2),
+            add("a", "n", 0, 100),
+            add("a", "m", 3600, 1000),
+            StoreOp::Alert(AlertRow::default()),
+            add("a", "m", 0, 4),
+        ] {
+            b.push(op);
+        }
+        let ops = b.take();
+        assert_eq!(
+            totals(&ops),
+            [
+                ("a".into(), "m".into(), 7, 3),
+                ("b".into(), "m".into(), 10, 1),
+                ("a".into(), "n".into(), 100, 1),
+                ("a".into(), "m".into(), 1000, 1),
+            ]
+        );
+        assert_eq!(ops.len(), 5, "the alert is kept");
+        assert!(b.take().is_empty());
+    }
+
+    #[test]
+    fn a_rekey_or_reset_separates_the_adds_around_it() {
+        let mut b = Batch::default();
+        b.push(add("a", "m", 0, 1));
+        b.push(StoreOp::Reset {
+            agent: "a".into(),
+            period_start: 100,
+        });
+        b.push(add("a", "m", 0, 2));
+        b.push(add("a", "m", 0, 3));
+        let ops = b.take();
+        assert!(matches!(ops[1], StoreOp::Reset { .. }));
+        assert_eq!(
+            totals(&ops),
+            [
+                ("a".into(), "m".into(), 1, 1),
+                ("a".into(), "m".into(), 5, 2)
+            ]
+        );
+        // After a flush, rows start over.
+        b.push(add("a", "m", 0, 9));
+        assert_eq!(totals(&b.take()), [("a".into(), "m".into(), 9, 1)]);
+    }
 }
