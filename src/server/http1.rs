@@ -34,6 +34,7 @@ use http::header::{
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -212,7 +213,7 @@ pub(super) async fn serve_connection<H, B>(
     stream: TcpStream,
     handler: Arc<H>,
     peer: Option<SocketAddr>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
     H: Fn(Request<ClientBody>) -> BoxFuture<Response<B>> + Send + Sync + 'static,
     B: Body<Data = Bytes> + Send + 'static,
@@ -221,11 +222,18 @@ pub(super) async fn serve_connection<H, B>(
     let (read, write) = stream.into_split();
     let mut read = Some(read);
     let mut buf = BytesMut::new();
+    // Shutdown, watched while waiting for a head: one future for the connection's life,
+    // so that each wait for the next request does not register (and remove) a waiter on
+    // the watch again. It resolves once, when `stop` turns true (or its sender is gone).
+    let mut watching = stop.clone();
+    let mut stopping = std::pin::pin!(async move {
+        let _ = watching.wait_for(|s| *s).await;
+    });
     loop {
         let Some(reader) = read.as_mut() else {
             return;
         };
-        let head = match next_head(reader, &mut buf, &mut stop).await {
+        let head = match next_head(reader, &mut buf, stopping.as_mut()).await {
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(e) => {
@@ -329,11 +337,11 @@ pub(super) async fn serve_connection<H, B>(
 }
 
 /// Read the next request head: `Ok(None)` when the client closed the connection or
-/// `stop` turned true while it was idle.
+/// `stopping` resolved (shutdown) while it was idle or partly read.
 async fn next_head(
     read: &mut OwnedReadHalf,
     buf: &mut BytesMut,
-    stop: &mut watch::Receiver<bool>,
+    mut stopping: Pin<&mut impl Future<Output = ()>>,
 ) -> Result<Option<Head>, HeadError> {
     let mut deadline = None;
     loop {
@@ -347,7 +355,7 @@ async fn next_head(
             // Idle: no buffer and no timer until a byte arrives; only shutdown.
             tokio::select! {
                 r = read.readable() => if r.is_err() { return Ok(None) },
-                _ = stop.wait_for(|s| *s) => return Ok(None),
+                () = stopping.as_mut() => return Ok(None),
             }
         }
         if buf.capacity() - buf.len() < HEAD_READ_BYTES / 4 {
@@ -356,7 +364,7 @@ async fn next_head(
         let n = if idle {
             tokio::select! {
                 n = read.read_buf(buf) => n,
-                _ = stop.wait_for(|s| *s) => return Ok(None),
+                () = stopping.as_mut() => return Ok(None),
             }
         } else {
             let deadline =
@@ -370,7 +378,7 @@ async fn next_head(
                         return Ok(None);
                     }
                 },
-                _ = stop.wait_for(|s| *s) => return Ok(None),
+                () = stopping.as_mut() => return Ok(None),
             }
         };
         match n {

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by valgrind's callgrind: repeatable for the same
+# binary and load whatever else the machine is doing (unlike seconds), so two builds can be
+# compared exactly. See benches/README.md.
+#
+#   benches/instructions.sh                       # this checkout's release build, 1 connection
+#   benches/instructions.sh --proxy-bin PATH      # another build
+#   benches/instructions.sh --conns 64 --secs 10 --top 40
+#
+# Starts the mock upstream and budget-proxy (embedded store, the shipped agents with budgets
+# that cannot run out) under callgrind, warms up for 3 s, zeroes the counters, drives
+# generateContent with wrk, dumps, and prints instructions per request and the functions
+# that cost the most. Installs valgrind and wrk from Debian when missing. Loopback only;
+# everything it started is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+proxy_bin="" conns=1 secs=10 top=25
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --proxy-bin) proxy_bin="$2"; shift 2 ;;
+        --conns) conns="$2"; shift 2 ;;
+        --secs) secs="$2"; shift 2 ;;
+        --top) top="$2"; shift 2 ;;
+        *) echo "unknown argument: $1 (see the top of $0)" >&2; exit 2 ;;
+    esac
+done
+
+need_apt=()
+command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "installing ${need_apt[*]} (Debian packages)" >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >&2
+fi
+
+echo "building (release)" >&2
+cargo build --release --quiet --example mock-gemini
+[ -n "$proxy_bin" ] || cargo build --release --quiet --bin budget-proxy
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+proxy_bin=${proxy_bin:-$TARGET_DIR/release/budget-proxy}
+
+tmp=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+    for _ in $(seq 1 300); do
+        (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "nothing listens on port $1 after 30 s" >&2
+    exit 1
+}
+
+agents=$(python3 - "$tmp" <<'PY'
+import json, sys
+cfg = json.load(open("config/budgets.json"))
+cfg["default"]["max_tokens"] = 10**15
+for a in cfg["agents"].values():
+    a["max_tokens"] = 10**15
+json.dump(cfg, open(sys.argv[1] + "/budgets.json", "w"))
+print(",".join(cfg["agents"]))
+PY
+)
+
+mock_port=$(free_port) proxy_port=$(free_port) admin_port=$(free_port)
+"$TARGET_DIR/release/examples/mock-gemini" --port "$mock_port" >/dev/null &
+pids+=($!)
+BUDGET_PROXY_LOG=error valgrind --tool=callgrind --callgrind-out-file="$tmp/callgrind.out" \
+    "$proxy_bin" serve --config "$tmp/budgets.json" \
+    --listen "127.0.0.1:$proxy_port" --admin-listen "127.0.0.1:$admin_port" \
+    --upstream "http://127.0.0.1:$mock_port" --state-dir "$tmp/state" --watch-config false \
+    2>"$tmp/valgrind.log" &
+proxy_pid=$!
+pids+=("$proxy_pid")
+wait_port "$mock_port"
+wait_port "$proxy_port"
+
+body='{"contents":[{"role":"user","parts":[{"text":"Say hello in five words."}]}]}'
+drive() {
+    wrk -t1 -c"$conns" -d"$1"s -s benches/wrk_report.lua "http://127.0.0.1:$proxy_port" \
+        -- prefixed "$agents" "$body" | sed -n 's/^WRK_JSON //p'
+}
+drive 3 >/dev/null
+callgrind_control -z "$proxy_pid" >/dev/null 2>&1
+result=$(drive "$secs")
+callgrind_control -d "$proxy_pid" >/dev/null 2>&1
+requests=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["requests"])' "$result")
+dump=$(ls "$tmp"/callgrind.out.* | head -1)
+total=$(callgrind_annotate "$dump" 2>/dev/null | sed -n 's/^ *\([0-9,]*\) .*PROGRAM TOTALS.*/\1/p' | tr -d ,)
+
+echo "binary: $proxy_bin"
+echo "connections: $conns, $secs s under callgrind, $requests requests"
+python3 -c 'import sys; t,r=int(sys.argv[1]),int(sys.argv[2]); print(f"instructions per request: {t/r:,.0f} (whole process: runtime, store writer and all)")' "$total" "$requests"
+echo
+echo "most instructions, own cost (per request):"
+callgrind_annotate --threshold=100 "$dump" 2>/dev/null \
+    | sed -n '/file:function/,$p' | tail -n +3 \
+    | grep -v -e 'clone.S:clone' -e 'pthread_create.c' -e 'thread_start' -e 'call_once{{vtable.shim}}' \
+    | head -n "$top" \
+    | python3 -c '
+import re, sys
+n = int(sys.argv[1])
+for line in sys.stdin:
+    m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+(.*)", line)
+    if not m:
+        continue
+    name = re.sub(r"/root/\.cargo/registry/src/[^/]+/|/rustc/[0-9a-f]+/library/|\s*\[[^]]*\]$", "", m.group(2))
+    count = int(m.group(1).replace(",", ""))
+    print(f"{count / n:8,.0f}  {name[:150]}")
+' "$requests"
