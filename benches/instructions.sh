@@ -26,16 +26,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-need_apt=()
-command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)
-command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
-if [ ${#need_apt[@]} -gt 0 ]; then
-    echo "installing ${need_apt[*]} (Debian packages)" >&2
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >&2
-fi
+. benches/lib.sh
+install_missing valgrind:valgrind wrk:wrk
 
 echo "building (release)" >&2
 cargo build --release --quiet --example mock-gemini
@@ -51,16 +43,6 @@ cleanup() {
     rm -rf "$tmp"
 }
 trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 1 300); do
-        (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on port $1 after 30 s" >&2
-    exit 1
-}
 
 agents=$(python3 - "$tmp" <<'PY'
 import json, sys

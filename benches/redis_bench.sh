@@ -35,8 +35,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_port() { for _ in $(seq 1 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; return 1; }
+. benches/lib.sh
 
 MOCK_PORT="$(free_port)"
 "$TARGET/examples/mock-gemini" --port "$MOCK_PORT" >/dev/null 2>&1 &

@@ -204,7 +204,7 @@ pub fn header_slots<'b>() -> [std::mem::MaybeUninit<httparse::Header<'b>>; MAX_H
 
 /// Where a parsed head's header names and values lie in the buffer it was parsed from, so
 /// that the map can be built from slices of that buffer once it is frozen (no copies).
-/// As long as the head has headers (not a fixed array of `MAX_HEADERS`: no zeroing).
+/// One entry per header of the head (a fixed array of `MAX_HEADERS` was zeroed per parse).
 pub struct Spans(Vec<[usize; 4]>);
 
 impl Spans {
