@@ -36,13 +36,7 @@ TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import js
 proxy_bin=${proxy_bin:-$TARGET_DIR/release/budget-proxy}
 
 tmp=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
+cleanup_at_exit "$tmp"
 
 agents=$(python3 - "$tmp" <<'PY'
 import json, sys

@@ -29,3 +29,16 @@ wait_port() {
     echo "nothing listens on port $1 after 30 s" >&2
     return 1
 }
+
+# cleanup_at_exit DIR: when the script exits, stop the processes listed in the array `pids`
+# (add each with `pids+=($!)` after starting it) and remove DIR.
+pids=()
+cleanup_at_exit() {
+    cleanup_dir=$1
+    trap cleanup_now EXIT
+}
+cleanup_now() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$cleanup_dir"
+}

@@ -26,24 +26,17 @@ echo "==> cargo build --release (budget-proxy, mock-gemini)" >&2
 cargo build --release --quiet --bin budget-proxy
 cargo build --release --quiet --example mock-gemini
 TARGET="${CARGO_TARGET_DIR:-target}/release"
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
 . benches/lib.sh
+WORK="$(mktemp -d)"
+cleanup_at_exit "$WORK"
 
 MOCK_PORT="$(free_port)"
 "$TARGET/examples/mock-gemini" --port "$MOCK_PORT" >/dev/null 2>&1 &
-PIDS+=($!)
+pids+=($!)
 REDIS_PORT="$(free_port)"
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly yes --appendfsync everysec \
     --dir "$WORK" --loglevel warning >/dev/null 2>&1 &
-PIDS+=($!)
+pids+=($!)
 wait_port "$MOCK_PORT"
 wait_port "$REDIS_PORT"
 
@@ -67,7 +60,7 @@ start_proxy() {
         --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
         --upstream "http://127.0.0.1:$MOCK_PORT" --state-dir "$WORK/state-$name" \
         --watch-config false "$@" >"$WORK/$name.log" 2>&1 &
-    PIDS+=($!)
+    pids+=($!)
     echo "$!" >"$WORK/$name.pid"
     wait_port "$port"
     echo "$port"
