@@ -98,9 +98,8 @@ async fn run(
                 Ok((Ok(()), _)) => {}
                 Ok((Err(e), batch)) => {
                     tracing::error!(target: "store", error = %e, "store write failed; will retry");
-                    // Ahead of what arrived since, as it came first.
-                    let newer = pending.take();
-                    for op in batch.into_iter().chain(newer) {
+                    // `pending` is still empty: only this loop moves ops into it.
+                    for op in batch {
                         pending.push(op);
                     }
                 }
