@@ -13,7 +13,7 @@
 //! - thinking (`thoughts_tokens`) bills as output; tool-use prompt tokens bill as input.
 
 use crate::gemini::Usage;
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 /// Prices of one model in micro-dollars per million tokens (so `$0.075/1M` is `75_000`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -168,8 +168,9 @@ impl PriceOverride {
 /// The price table: built-in prices overridden by `pricing` in budgets.json.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PriceTable {
-    /// Model id (without `models/`) → price.
-    entries: BTreeMap<String, ModelPrice>,
+    /// Model id (without `models/`) → price. Looked up by every metered response, so hashed
+    /// (foldhash): a B-tree compares the name with a string per level.
+    entries: HashMap<String, ModelPrice, foldhash::fast::RandomState>,
 }
 
 /// Micro-dollars per million tokens from USD per million tokens, so the built-in table reads
@@ -273,6 +274,10 @@ fn builtin_entries() -> Vec<(&'static str, ModelPrice)> {
 /// (`models/gemini-2.5-flash`, `tunedModels/x`, Vertex `publishers/google/models/…`).
 pub fn normalize_model(model: &str) -> &str {
     let model = model.trim();
+    if !model.contains('/') {
+        // The usual case (a `modelVersion`, a path's model): nothing to strip.
+        return model;
+    }
     if let Some(rest) = model.strip_prefix("tunedModels/") {
         return rest;
     }
@@ -321,17 +326,15 @@ impl PriceTable {
     /// Like [`PriceTable::lookup`], with the table key that matched (for logs and metrics).
     pub fn lookup_entry(&self, model: &str) -> Option<(&str, &ModelPrice)> {
         let name = normalize_model(model);
-        if let Some((k, v)) = self.entries.get_key_value(name) {
-            return Some((k.as_str(), v));
+        // A key followed by `-` in `name` is `name` cut at one of its dashes: the longest
+        // is the first found from the right (the whole name first).
+        let mut end = name.len();
+        loop {
+            if let Some((k, v)) = self.entries.get_key_value(&name[..end]) {
+                return Some((k.as_str(), v));
+            }
+            end = name[..end].rfind('-')?;
         }
-        self.entries
-            .iter()
-            .filter(|(key, _)| {
-                name.strip_prefix(key.as_str())
-                    .is_some_and(|rest| rest.starts_with('-'))
-            })
-            .max_by_key(|(key, _)| key.len())
-            .map(|(k, v)| (k.as_str(), v))
     }
 
     /// The entry stored under exactly `model` (after normalisation), without prefix
@@ -340,9 +343,11 @@ impl PriceTable {
         self.entries.get(normalize_model(model))
     }
 
-    /// Every entry, by model id; for the admin API and `check-config`.
+    /// Every entry, in the order of model ids; for the admin API and `check-config`.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &ModelPrice)> {
-        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+        let mut entries: Vec<_> = self.entries.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        entries.sort_unstable_by_key(|(k, _)| *k);
+        entries.into_iter()
     }
 
     /// Number of models in the table.
