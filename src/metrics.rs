@@ -10,7 +10,7 @@ use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use std::borrow::Borrow;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,20 +117,46 @@ pub struct Histogram {
     inner: Arc<HistogramInner>,
 }
 
+/// Most buckets a histogram has (+Inf included).
+const MAX_BUCKETS: usize = 24;
+
+/// Stripes a histogram's counters are spread over. Every request observes two histograms;
+/// with one set of counters the I/O threads took turns owning its cache lines (each update
+/// waited for the line to come over from the other core). A thread updates its own stripe
+/// (stripes are handed out to threads round robin) and a scrape adds the stripes up.
+const STRIPES: usize = 8;
+
+/// One thread's share of a histogram's counters, on cache lines of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe {
+    counts: [AtomicU64; MAX_BUCKETS],
+    sum_ns: AtomicU64,
+}
+
 #[derive(Debug)]
 struct HistogramInner {
     /// Upper bounds in seconds (the last one is `f64::MAX`, shown as +Inf).
     bounds: Vec<f64>,
     /// Upper bounds in nanoseconds, for the lookup.
     bounds_ns: Vec<u64>,
-    counts: Vec<AtomicU64>,
-    count: AtomicU64,
-    sum_ns: AtomicU64,
+    stripes: [Stripe; STRIPES],
+}
+
+/// The stripe of the current thread.
+fn stripe_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    STRIPE.with(|s| *s)
 }
 
 impl Histogram {
-    /// `length` buckets from `start` seconds, each `factor` times the previous, and +Inf.
+    /// `length` buckets from `start` seconds, each `factor` times the previous, and +Inf
+    /// (at most `MAX_BUCKETS` in all: more are cut off).
     pub fn exponential(start: f64, factor: f64, length: u16) -> Self {
+        let length = u16::try_from(MAX_BUCKETS - 1).map_or(length, |max| length.min(max));
         let mut bounds: Vec<f64> = exponential_buckets(start, factor, length).collect();
         bounds.push(f64::MAX);
         let bounds_ns = bounds
@@ -143,14 +169,11 @@ impl Histogram {
                 }
             })
             .collect();
-        let counts = bounds.iter().map(|_| AtomicU64::new(0)).collect();
         Self {
             inner: Arc::new(HistogramInner {
                 bounds,
                 bounds_ns,
-                counts,
-                count: AtomicU64::new(0),
-                sum_ns: AtomicU64::new(0),
+                stripes: Default::default(),
             }),
         }
     }
@@ -164,9 +187,9 @@ impl Histogram {
             .iter()
             .position(|b| ns <= *b)
             .unwrap_or(h.bounds_ns.len() - 1);
-        h.counts[i].fetch_add(1, Ordering::Relaxed);
-        h.count.fetch_add(1, Ordering::Relaxed);
-        h.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        let stripe = &h.stripes[stripe_index()];
+        stripe.counts[i].fetch_add(1, Ordering::Relaxed);
+        stripe.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
 }
 
@@ -180,12 +203,23 @@ impl EncodeMetric for Histogram {
         let buckets: Vec<(f64, u64)> = h
             .bounds
             .iter()
-            .zip(&h.counts)
-            .map(|(b, c)| (*b, c.load(Ordering::Relaxed)))
+            .enumerate()
+            .map(|(i, b)| {
+                let n = h
+                    .stripes
+                    .iter()
+                    .map(|s| s.counts[i].load(Ordering::Relaxed));
+                (*b, n.fold(0u64, u64::wrapping_add))
+            })
             .collect();
         // The count is the sum of the buckets read, so the encoding is self-consistent.
-        let count = buckets.iter().map(|(_, c)| c).sum();
-        let sum = h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let count = buckets
+            .iter()
+            .map(|(_, c)| *c)
+            .fold(0u64, u64::wrapping_add);
+        let sum_ns = h.stripes.iter().map(|s| s.sum_ns.load(Ordering::Relaxed));
+        let sum_ns = sum_ns.fold(0u64, u64::wrapping_add);
+        let sum = sum_ns as f64 / 1e9;
         encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 

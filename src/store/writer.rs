@@ -1,23 +1,24 @@
-//! Write-behind: the hot path sends [`StoreOp`]s into a channel; one task batches them and
-//! applies each batch in one transaction on the blocking pool, every flush interval.
-//! A `kill -9` loses at most one interval; [`Writer::close`] flushes everything.
+//! Write-behind: the hot path merges [`StoreOp`]s into a shared batch; one task takes the
+//! batch every flush interval and applies it in one transaction on the blocking pool.
+//! A `kill -9` loses at most one interval; [`Writer::flush`] writes everything sent so far.
 
 use super::{Store, StoreOp, UsageDelta};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
-
-enum Msg {
-    Op(StoreOp),
-    Flush(oneshot::Sender<()>),
-}
+use tokio::sync::{mpsc, oneshot, Notify};
 
 /// The sending side, cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::UnboundedSender<Msg>,
+    /// The ops waiting for the next flush, merged as they are sent, under a lock held for
+    /// one merge. (A channel cost several atomics per op that the I/O threads contended
+    /// for, and the batching task then freed each op's strings on another thread than the
+    /// one that allocated them.) One lock keeps the ops in the order they were sent.
+    pending: Arc<Mutex<Batch>>,
+    /// Flush requests; closed when every writer is gone, which ends the task.
+    flushes: mpsc::UnboundedSender<oneshot::Sender<()>>,
     /// Wakes the batching task for a flush (ops alone wait for the tick).
-    flush_now: Arc<tokio::sync::Notify>,
+    flush_now: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -32,52 +33,69 @@ impl Writer {
         store: Arc<dyn Store>,
         flush_interval: Duration,
     ) -> (Writer, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let flush_now = Arc::new(tokio::sync::Notify::new());
-        let handle = tokio::spawn(run(store, rx, flush_now.clone(), flush_interval));
-        (Writer { tx, flush_now }, handle)
+        let (flushes, rx) = mpsc::unbounded_channel();
+        let pending = Arc::new(Mutex::new(Batch::default()));
+        let flush_now = Arc::new(Notify::new());
+        let handle = tokio::spawn(run(
+            store,
+            pending.clone(),
+            rx,
+            flush_now.clone(),
+            flush_interval,
+        ));
+        let writer = Writer {
+            pending,
+            flushes,
+            flush_now,
+        };
+        (writer, handle)
     }
 
-    /// Queue an operation (never blocks). Lost only if the task is gone, which is logged.
+    /// Queue an operation (never blocks on I/O). Lost only if the task is gone, which is
+    /// logged.
     pub fn send(&self, op: StoreOp) {
-        if self.tx.send(Msg::Op(op)).is_err() {
+        if self.flushes.is_closed() {
             tracing::error!(target: "store", "store writer is gone; usage not persisted");
+            return;
         }
+        lock(&self.pending).push(op);
     }
 
-    /// Write everything queued so far and wait until it is on disk.
+    /// Write everything sent so far and wait until it is on disk.
     pub async fn flush(&self) {
         let (done, wait) = oneshot::channel();
-        if self.tx.send(Msg::Flush(done)).is_ok() {
+        if self.flushes.send(done).is_ok() {
             self.flush_now.notify_one();
             let _ = wait.await;
         }
     }
 }
 
+fn lock(batch: &Mutex<Batch>) -> MutexGuard<'_, Batch> {
+    batch.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 async fn run(
     store: Arc<dyn Store>,
-    mut rx: mpsc::UnboundedReceiver<Msg>,
-    flush_now: Arc<tokio::sync::Notify>,
+    pending: Arc<Mutex<Batch>>,
+    mut flushes: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    flush_now: Arc<Notify>,
     every: Duration,
 ) {
-    let mut pending = Batch::default();
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut waiters = Vec::new();
         let mut ticked = false;
-        // Wake on the tick or a flush request only, never per op: the hot path's sends
-        // cost no task wake-up; ops wait in the channel until the next batch.
+        // Wake on the tick or a flush request only, never per op.
         tokio::select! {
             _ = ticker.tick() => ticked = true,
             _ = flush_now.notified() => {}
         }
         let mut closed = false;
         loop {
-            match rx.try_recv() {
-                Ok(Msg::Op(op)) => pending.push(op),
-                Ok(Msg::Flush(done)) => waiters.push(done),
+            match flushes.try_recv() {
+                Ok(done) => waiters.push(done),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     closed = true;
@@ -85,25 +103,29 @@ async fn run(
                 }
             }
         }
-        let due = closed || ticked || !waiters.is_empty();
-        if due && !pending.ops.is_empty() {
-            let batch = pending.take();
-            let store = store.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                let r = store.apply(&batch);
-                (r, batch)
-            })
-            .await;
-            match result {
-                Ok((Ok(()), _)) => {}
-                Ok((Err(e), batch)) => {
-                    tracing::error!(target: "store", error = %e, "store write failed; will retry");
-                    // `pending` is still empty: only this loop moves ops into it.
-                    for op in batch {
-                        pending.push(op);
+        if closed || ticked || !waiters.is_empty() {
+            // Taken after the flush requests were read: the ops sent before them are in it.
+            let batch = lock(&pending).take();
+            if !batch.is_empty() {
+                let store = store.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    let r = store.apply(&batch);
+                    (r, batch)
+                })
+                .await;
+                match result {
+                    Ok((Ok(()), _)) => {}
+                    Ok((Err(e), batch)) => {
+                        tracing::error!(target: "store", error = %e, "store write failed; will retry");
+                        // Back in front of the ops sent since, in order.
+                        let mut pending = lock(&pending);
+                        let newer = pending.take();
+                        for op in batch.into_iter().chain(newer) {
+                            pending.push(op);
+                        }
                     }
+                    Err(e) => tracing::error!(target: "store", error = %e, "store task panicked"),
                 }
-                Err(e) => tracing::error!(target: "store", error = %e, "store task panicked"),
             }
         }
         for w in waiters {
