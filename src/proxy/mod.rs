@@ -140,9 +140,9 @@ pub fn handle(
     req: Request<ClientBody>,
 ) -> crate::server::BoxFuture<Response<ResponseBody>> {
     let started = std::time::Instant::now();
-    let forwarded = Box::pin(forward(shared.clone(), req));
+    let forwarded = Box::pin(forward(shared, req));
     Box::pin(async move {
-        let (forwarded, mut trace) = forwarded.await;
+        let (forwarded, mut trace, shared) = forwarded.await;
         let result = match forwarded {
             Ok(Dispatched::Response(resp)) => Ok(resp),
             Ok(Dispatched::Park(parked)) => resume(&shared, parked, &mut trace).await,
@@ -223,13 +223,16 @@ pub(crate) enum Origin {
     Job,
 }
 
+/// Hands `shared` back when done rather than [`handle`] keeping a clone: the I/O threads
+/// share its reference count, and each clone and drop of it is a cache line passed between
+/// cores.
 async fn forward(
     shared: Arc<Shared>,
     req: Request<ClientBody>,
-) -> (Result<Dispatched, ProxyError>, Trace) {
+) -> (Result<Dispatched, ProxyError>, Trace, Arc<Shared>) {
     let mut trace = Trace::default();
     let result = identify_and_dispatch(&shared, req, &mut trace).await;
-    (result, trace)
+    (result, trace, shared)
 }
 
 /// Identify the agent, peek the body, and dispatch.
