@@ -12,7 +12,7 @@ use crate::config::{AgentBudget, Config};
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, watch};
 
@@ -42,6 +42,10 @@ pub struct Queues {
     /// Looked up on every settle (`release_agent`) and every admission of a queue agent,
     /// hence foldhash (seeded per process) rather than SipHash.
     agents: DashMap<Arc<str>, Arc<Mutex<AgentQueue>>, foldhash::fast::RandomState>,
+    /// Some agent ever had a queue in `agents`: until then (no agent with the queue action
+    /// was ever over budget) a settle skips the lookup, whose shard lock the I/O threads
+    /// would otherwise pass between cores on every request.
+    any_queue: AtomicBool,
     /// Wakes the deferred-job runner when budget may have returned.
     jobs: tokio::sync::Notify,
     /// Deferred jobs waiting for budget: wake-ups are skipped while there are none, so a
@@ -63,6 +67,7 @@ impl Default for Queues {
     fn default() -> Self {
         Self {
             agents: DashMap::default(),
+            any_queue: AtomicBool::new(false),
             jobs: tokio::sync::Notify::new(),
             jobs_pending: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
@@ -122,6 +127,8 @@ impl Queues {
         if let Some(q) = self.agents.get(agent) {
             return q.value().clone();
         }
+        // Before the queue exists, so that whoever can see it sees the flag too.
+        self.any_queue.store(true, Ordering::Release);
         self.agents
             .entry(agent.clone())
             .or_default()
@@ -131,6 +138,9 @@ impl Queues {
 
     /// Whether requests of `agent` are waiting (new ones must queue behind them).
     pub fn has_waiters(&self, agent: &str) -> bool {
+        if !self.any_queue.load(Ordering::Acquire) {
+            return false;
+        }
         self.agents
             .get(agent)
             .is_some_and(|q| !lock(q.value()).waiters.is_empty())
