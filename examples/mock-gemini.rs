@@ -41,6 +41,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mock = mock_gemini::MockGemini::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     mock.set_behavior(behavior);
+    mock.forget_requests();
     println!("mock Gemini listening on {}", mock.url);
     tokio::signal::ctrl_c().await?;
     Ok(())
