@@ -83,7 +83,7 @@ pub(crate) async fn defer(
     let mut headers = parts.headers;
     super::strip_hop_by_hop(&mut headers);
     headers.remove(http::header::HOST);
-    headers.remove("prefer");
+    headers.remove(super::PREFER);
     let job = Job {
         id: new_id(),
         agent: ident.agent.clone(),
@@ -320,7 +320,7 @@ async fn run_one(shared: &Arc<Shared>, job: Job) -> bool {
         parts,
         &ident,
         &job.path,
-        job.query.clone(),
+        job.query.as_deref(),
         peeked,
         Origin::Job,
         None,

@@ -87,12 +87,15 @@ const X_BUDGET_MODEL: HeaderName = HeaderName::from_static("x-budget-model");
 const X_BUDGET_QUEUED_MS: HeaderName = HeaderName::from_static("x-budget-queued-ms");
 const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
 const X_GOOG_UPLOAD_URL: HeaderName = HeaderName::from_static("x-goog-upload-url");
+/// `Prefer` (RFC 7240), read on every request: a `&str` name would be parsed each time.
+pub(crate) const PREFER: HeaderName = HeaderName::from_static("prefer");
 
 /// The `x-budget-*` headers of a response.
 #[derive(Debug, Clone)]
 pub(crate) struct BudgetHeaders {
+    /// The agent (`x-budget-agent`, made when applied: a value kept here and cloned into the
+    /// map cost an allocation more).
     agent_id: Arc<str>,
-    agent: HeaderValue,
     remaining_tokens: u64,
     action: &'static str,
     model: Option<String>,
@@ -102,7 +105,9 @@ pub(crate) struct BudgetHeaders {
 
 impl BudgetHeaders {
     fn apply(&self, h: &mut HeaderMap) {
-        h.insert(X_BUDGET_AGENT, self.agent.clone());
+        if let Ok(agent) = HeaderValue::from_str(&self.agent_id) {
+            h.insert(X_BUDGET_AGENT, agent);
+        }
         h.insert(X_BUDGET_REMAINING, HeaderValue::from(self.remaining_tokens));
         h.insert(X_BUDGET_ACTION, HeaderValue::from_static(self.action));
         if let Some(m) = self
@@ -243,9 +248,11 @@ async fn identify_and_dispatch(
 ) -> Result<Dispatched, ProxyError> {
     let config = shared.config.load_full();
     let (parts, body) = req.into_parts();
-    let full_path = parts.uri.path().to_string();
-    let query = parts.uri.query().map(str::to_string);
-    let ident = identify(&full_path, query.as_deref(), &parts.headers, &config)?;
+    // A clone of the URI (a reference count) to read the path and query from while `parts`
+    // moves on: copies of them cost an allocation each.
+    let uri = parts.uri.clone();
+    let (full_path, query) = (uri.path(), uri.query());
+    let ident = identify(full_path, query, &parts.headers, &config)?;
     let path = match &full_path[ident.prefix_len..] {
         "" => "/",
         p => p,
@@ -269,7 +276,7 @@ async fn identify_and_dispatch(
     .await?;
     let prefer_async = parts
         .headers
-        .get_all("prefer")
+        .get_all(&PREFER)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| {
@@ -281,7 +288,7 @@ async fn identify_and_dispatch(
         &config,
         parts,
         &ident,
-        &full_path,
+        full_path,
         query,
         peeked,
         Origin::Client { prefer_async },
@@ -375,15 +382,14 @@ async fn dispatch_released(
         peeked,
         ..
     } = *parked;
-    let full_path = parts.uri.path().to_string();
-    let query = parts.uri.query().map(str::to_string);
+    let uri = parts.uri.clone();
     dispatch(
         shared,
         &config,
         parts,
         &ident,
-        &full_path,
-        query,
+        uri.path(),
+        uri.query(),
         peeked,
         Origin::Client {
             prefer_async: false,
@@ -402,7 +408,7 @@ pub(crate) async fn dispatch(
     mut parts: http::request::Parts,
     ident: &Identity,
     full_path: &str,
-    query: Option<String>,
+    query: Option<&str>,
     mut peeked: PeekedBody,
     origin: Origin,
     resumed: Option<(Admission, u128)>,
@@ -426,8 +432,14 @@ pub(crate) async fn dispatch(
             agent: ident.agent.clone(),
             cap: cap.0,
         })?;
-    let agent_header = HeaderValue::from_str(&ident.agent)
-        .map_err(|_| ProxyError::BadAgentId(ident.agent.clone()))?;
+    // The id goes into the `x-budget-agent` header: the bytes `HeaderValue` accepts.
+    if !ident
+        .agent
+        .bytes()
+        .all(|b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+    {
+        return Err(ProxyError::BadAgentId(ident.agent.clone()));
+    }
     let call = parse_model_call(path);
 
     let mut upstream_path = std::borrow::Cow::Borrowed(path);
@@ -457,7 +469,6 @@ pub(crate) async fn dispatch(
         };
         let mut headers = BudgetHeaders {
             agent_id: entry.id_arc(),
-            agent: agent_header.clone(),
             remaining_tokens: admission.remaining_tokens,
             action: "allow",
             model: None,
@@ -478,7 +489,7 @@ pub(crate) async fn dispatch(
                         ident,
                         parts,
                         path,
-                        query,
+                        query.map(str::to_owned),
                         peeked,
                         prefix,
                         admission.resets_at,
@@ -572,7 +583,6 @@ pub(crate) async fn dispatch(
     } else {
         trace.budget_headers = Some(BudgetHeaders {
             agent_id: entry.id_arc(),
-            agent: agent_header.clone(),
             remaining_tokens: shared.ledger.remaining(&entry, budget, now),
             action: "allow",
             model: None,
@@ -582,13 +592,17 @@ pub(crate) async fn dispatch(
 
     // Build the upstream request.
     let public_base = public_base(&parts, ident.prefix_len);
+    let substituted;
     let query = match (ident.substitute_key, query) {
-        (Some(KeyPlace::Query), Some(q)) => Some(substitute_query_key(&q, shared, ident)?),
+        (Some(KeyPlace::Query), Some(q)) => {
+            substituted = substitute_query_key(q, shared, ident)?;
+            Some(substituted.as_str())
+        }
         (_, q) => q,
     };
     let uri = shared
         .upstream
-        .uri(&upstream_path, query.as_deref())
+        .uri(&upstream_path, query)
         .map_err(|e| ProxyError::BadRequestBody(format!("cannot build the upstream URL: {e}")))?;
     // (`Host` is the client's business: set per protocol, see `upstream`.)
     strip_hop_by_hop(&mut parts.headers);
