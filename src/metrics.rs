@@ -373,3 +373,40 @@ pub fn encode_counter(
     let e = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
     ConstCounter::new(v).encode(e)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_counts_the_observations_of_every_thread() {
+        let h = Histogram::exponential(0.001, 2.0, 4);
+        // Ten threads, so that several share a stripe and several stripes are used.
+        std::thread::scope(|s| {
+            for ms in 0..10u64 {
+                let h = &h;
+                s.spawn(move || {
+                    for _ in 0..100 {
+                        h.observe(Duration::from_millis(ms));
+                    }
+                });
+            }
+        });
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("lat", "latency", h);
+        let mut text = String::new();
+        assert!(prometheus_client::encoding::text::encode(&mut text, &registry).is_ok());
+        // 100 × (0 + 1 + … + 9) ms = 4.5 s; buckets ≤ 1, 2, 4, 8 ms and +Inf.
+        for line in [
+            "lat_sum 4.5",
+            "lat_count 1000",
+            "lat_bucket{le=\"0.001\"} 200",
+            "lat_bucket{le=\"0.002\"} 300",
+            "lat_bucket{le=\"0.004\"} 500",
+            "lat_bucket{le=\"0.008\"} 900",
+            "lat_bucket{le=\"+Inf\"} 1000",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} not in:\n{text}");
+        }
+    }
+}
