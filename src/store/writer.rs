@@ -82,7 +82,8 @@ async fn run(
     flush_now: Arc<Notify>,
     every: Duration,
 ) {
-    let mut ticker = tokio::time::interval(every);
+    // The first tick one interval from now (nothing is pending at the start).
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut waiters = Vec::new();
@@ -227,7 +228,10 @@ mod tests {
         })
     }
 
-    fn totals(ops: &[StoreOp]) -> Vec<(String, String, u64, u64)> {
+    /// Agent, model, total tokens and requests of an `Add`.
+    type Totals = (String, String, u64, u64);
+
+    fn totals(ops: &[StoreOp]) -> Vec<Totals> {
         ops.iter()
             .filter_map(|op| match op {
                 StoreOp::Add(d) => {
@@ -288,5 +292,67 @@ mod tests {
         // After a flush, rows start over.
         b.push(add("a", "m", 0, 9));
         assert_eq!(totals(&b.take()), [("a".into(), "m".into(), 9, 1)]);
+    }
+
+    /// A store whose first write fails; it keeps what the later ones wrote.
+    #[derive(Default)]
+    struct FlakyStore {
+        writes: Mutex<usize>,
+        applied: Mutex<Vec<Vec<Totals>>>,
+    }
+
+    impl Store for FlakyStore {
+        fn usage(
+            &self,
+            _: &crate::store::UsageQuery,
+        ) -> Result<Vec<crate::store::UsageRow>, crate::store::StoreError> {
+            Ok(Vec::new())
+        }
+        fn ping(&self) -> Result<(), crate::store::StoreError> {
+            Ok(())
+        }
+        fn load_latest(&self) -> Result<Vec<crate::store::PeriodRow>, crate::store::StoreError> {
+            Ok(Vec::new())
+        }
+        fn apply(&self, ops: &[StoreOp]) -> Result<(), crate::store::StoreError> {
+            let mut writes = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
+            *writes += 1;
+            if *writes == 1 {
+                return Err(crate::store::StoreError::Task("disk full".into()));
+            }
+            let mut applied = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
+            applied.push(totals(ops));
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_retried_in_front_of_the_ops_sent_since() {
+        let store = Arc::new(FlakyStore::default());
+        // Only flushes write: the interval is longer than the test.
+        let (writer, _task) = Writer::start(store.clone(), Duration::from_secs(3600));
+        writer.send(add("a", "m", 0, 1));
+        writer.send(add("b", "m", 0, 10));
+        writer.flush().await;
+        let applied = |s: &FlakyStore| {
+            s.applied
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        };
+        assert!(applied(&store).is_empty(), "the first write failed");
+        writer.send(add("a", "m", 0, 2));
+        writer.send(add("c", "m", 0, 100));
+        writer.flush().await;
+        assert_eq!(
+            applied(&store),
+            [vec![
+                ("a".to_string(), "m".to_string(), 3, 2),
+                ("b".to_string(), "m".to_string(), 10, 1),
+                ("c".to_string(), "m".to_string(), 100, 1),
+            ]]
+        );
+        writer.flush().await;
+        assert_eq!(applied(&store).len(), 1, "nothing is written twice");
     }
 }
