@@ -432,12 +432,8 @@ pub(crate) async fn dispatch(
             agent: ident.agent.clone(),
             cap: cap.0,
         })?;
-    // The id goes into the `x-budget-agent` header: the bytes `HeaderValue` accepts.
-    if !ident
-        .agent
-        .bytes()
-        .all(|b| (b >= 0x20 && b != 0x7f) || b == b'\t')
-    {
+    // The id goes into the `x-budget-agent` header; a valid id is a valid header value.
+    if !crate::config::valid_agent_id(&ident.agent) {
         return Err(ProxyError::BadAgentId(ident.agent.clone()));
     }
     let call = parse_model_call(path);

@@ -214,7 +214,7 @@ fn add_into(acc: &mut UsageDelta, d: &UsageDelta) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::AlertRow;
+    use crate::store::{AlertRow, PeriodRow, StoreError, UsageQuery, UsageRow};
 
     fn add(agent: &str, model: &str, hour: i64, tokens: u64) -> StoreOp {
         StoreOp::Add(UsageDelta {
@@ -302,23 +302,20 @@ mod tests {
     }
 
     impl Store for FlakyStore {
-        fn usage(
-            &self,
-            _: &crate::store::UsageQuery,
-        ) -> Result<Vec<crate::store::UsageRow>, crate::store::StoreError> {
+        fn usage(&self, _: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
             Ok(Vec::new())
         }
-        fn ping(&self) -> Result<(), crate::store::StoreError> {
+        fn ping(&self) -> Result<(), StoreError> {
             Ok(())
         }
-        fn load_latest(&self) -> Result<Vec<crate::store::PeriodRow>, crate::store::StoreError> {
+        fn load_latest(&self) -> Result<Vec<PeriodRow>, StoreError> {
             Ok(Vec::new())
         }
-        fn apply(&self, ops: &[StoreOp]) -> Result<(), crate::store::StoreError> {
+        fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
             let mut writes = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
             *writes += 1;
             if *writes == 1 {
-                return Err(crate::store::StoreError::Task("disk full".into()));
+                return Err(StoreError::Task("disk full".into()));
             }
             let mut applied = self.applied.lock().unwrap_or_else(PoisonError::into_inner);
             applied.push(totals(ops));
