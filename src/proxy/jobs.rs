@@ -269,9 +269,30 @@ async fn run_pending(shared: &Arc<Shared>) {
     }
 }
 
+/// Whether admission would still refuse `agent`'s job now (its queue budget is spent, or
+/// parked requests go first). The runner then leaves the job pending without marking it
+/// running: a client polling the job would otherwise see it flicker to `running` on every
+/// wake-up while the agent is over budget.
+fn still_refused(shared: &Shared, config: &crate::config::Config, agent: &str) -> bool {
+    let budget = config.agent(agent).unwrap_or(&config.default);
+    if budget.action != crate::config::Action::Queue {
+        return false;
+    }
+    if shared.queues.has_waiters(agent) {
+        return true;
+    }
+    shared
+        .ledger
+        .get(agent)
+        .is_some_and(|entry| shared.ledger.remaining(&entry, budget, shared.clock.now()) == 0)
+}
+
 /// Run one job; `false` when its agent is still over budget (it stays pending).
 async fn run_one(shared: &Arc<Shared>, job: Job) -> bool {
     let config = shared.config.load_full();
+    if still_refused(shared, &config, &job.agent) {
+        return false;
+    }
     let s = shared.jobs.clone();
     let id = job.id.clone();
     if !matches!(
