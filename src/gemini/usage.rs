@@ -8,6 +8,8 @@
 //! (`data: {…}\r\n\r\n`, possibly ended by a raw `{"error":…}`), and a pretty-printed JSON
 //! array streamed one element at a time.
 
+mod reader;
+
 use std::fmt;
 
 use memchr::memchr;
@@ -854,10 +856,12 @@ impl UsageScanner {
     /// A key closed at the top level of a captured `usageMetadata` object: note which field
     /// it names, or that the object is opaque when the key cannot be read raw.
     fn match_usage_field(&mut self, key: &[u8], complete: bool) {
-        if !complete || key.contains(&b'\\') {
+        if !complete {
+            // (Only a prefix of it is in `key`.)
             self.cap_opaque = true;
             return;
         }
+        // A known name has no escape: only other keys need the backslash check.
         let bit = match key {
             b"promptTokenCount" => FIELD_PROMPT,
             b"candidatesTokenCount" => FIELD_CANDIDATES,
@@ -866,7 +870,12 @@ impl UsageScanner {
             b"cachedContentTokenCount" => FIELD_CACHED,
             b"totalTokenCount" => FIELD_TOTAL,
             b"promptTokensDetails" => FIELD_PROMPT_DETAILS,
-            _ => return,
+            _ => {
+                if key.contains(&b'\\') {
+                    self.cap_opaque = true;
+                }
+                return;
+            }
         };
         self.after = After::FieldEnd(bit);
     }
@@ -897,8 +906,13 @@ impl UsageScanner {
     }
 }
 
-/// Parse a captured `usageMetadata` object; `None` when it is not valid.
+/// Parse a captured `usageMetadata` object; `None` when it is not valid. The usual shape is
+/// read by [`reader`]; serde_json reads the rest.
 fn parse_usage(bytes: &[u8]) -> Option<RawUsage> {
+    reader::read(bytes).or_else(|| parse_usage_serde(bytes))
+}
+
+fn parse_usage_serde(bytes: &[u8]) -> Option<RawUsage> {
     serde_json::from_slice(bytes).ok()
 }
 
