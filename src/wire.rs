@@ -3,7 +3,9 @@
 //! until close), chunk-size lines, and vectored writes.
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING,
+};
 use std::io::{self, IoSlice};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -223,16 +225,45 @@ impl Spans {
     }
 
     /// The header map, its values slices of `head` (the buffer, frozen), with room for
-    /// `extra` more headers (those the proxy adds: no re-hashing of a grown map). The error
-    /// says which part was invalid: `"name"` or `"value"`.
-    pub fn into_map(&self, head: &Bytes, extra: usize) -> Result<HeaderMap, &'static str> {
+    /// `extra` more headers (those the proxy adds: no re-hashing of a grown map), and which
+    /// of the headers that frame the message it has. The error says which part was
+    /// invalid: `"name"` or `"value"`.
+    pub fn into_map(&self, head: &Bytes, extra: usize) -> Result<(HeaderMap, Seen), &'static str> {
         let mut map = HeaderMap::with_capacity(self.0.len() + extra);
+        let mut seen = Seen::default();
         for &[n0, n1, v0, v1] in &self.0 {
             let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| "name")?;
             let value = HeaderValue::from_maybe_shared(head.slice(v0..v1)).map_err(|_| "value")?;
+            seen.note(&name);
             map.append(name, value);
         }
-        Ok(map)
+        Ok((map, seen))
+    }
+}
+
+/// Which of the headers that frame a message or its connection a head has, noted as its
+/// map is built: the hot path then looks up only those that are there (a lookup hashes
+/// the name; most heads have neither `Transfer-Encoding` nor `Connection` nor `Expect`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub content_length: bool,
+    pub transfer_encoding: bool,
+    pub connection: bool,
+    pub expect: bool,
+}
+
+impl Seen {
+    /// Comparisons of standard names (no hashing).
+    fn note(&mut self, name: &HeaderName) {
+        if name == CONTENT_LENGTH {
+            self.content_length = true;
+        } else if name == TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+        } else if name == CONNECTION {
+            self.connection = true;
+        } else if name == EXPECT {
+            self.expect = true;
+        }
     }
 }
 
@@ -338,7 +369,16 @@ mod tests {
         };
         let spans = Spans::of(raw, resp.headers);
         let head = Bytes::copy_from_slice(&raw[..len]);
-        let map = spans.into_map(&head, 0).expect("valid");
+        let (map, seen) = spans.into_map(&head, 0).expect("valid");
+        assert_eq!(
+            seen,
+            Seen {
+                content_length: true,
+                transfer_encoding: false,
+                connection: true,
+                expect: false
+            }
+        );
         assert_eq!(map.get_all("x-a").iter().count(), 2);
         assert_eq!(content_length(&map), Some(5));
         assert!(has_token(&map, &http::header::CONNECTION, "close"));

@@ -16,7 +16,7 @@
 use super::body::RequestBody;
 use super::upstream::Pool;
 use crate::wire::{
-    chunk_size, content_length, has_token, header_slots, write_all_to, Decoder, Spans, Step,
+    chunk_size, content_length, has_token, header_slots, write_all_to, Decoder, Seen, Spans, Step,
 };
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
@@ -208,8 +208,8 @@ impl H1Conn {
         loop {
             if !self.buf.is_empty() {
                 match parse_response(&mut self.buf).map_err(SendError::sent)? {
-                    Some(resp) if resp.status().is_informational() => continue,
-                    Some(resp) => return Ok(self.into_exchange(resp, method, pool)),
+                    Some((resp, _)) if resp.status().is_informational() => continue,
+                    Some((resp, seen)) => return Ok(self.into_exchange(resp, seen, method, pool)),
                     None => {}
                 }
             }
@@ -234,6 +234,7 @@ impl H1Conn {
     fn into_exchange(
         self,
         resp: Response<()>,
+        seen: Seen,
         method: &Method,
         pool: &Arc<Pool>,
     ) -> Response<H1Body> {
@@ -245,7 +246,11 @@ impl H1Conn {
             || status == StatusCode::NOT_MODIFIED
         {
             Decoder::Length(0)
-        } else if let Some(te) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
+        } else if let Some(te) = seen
+            .transfer_encoding
+            .then(|| headers.get_all(TRANSFER_ENCODING).iter().next_back())
+            .flatten()
+        {
             let chunked = te
                 .to_str()
                 .ok()
@@ -257,14 +262,18 @@ impl H1Conn {
                 Decoder::Eof
             }
         } else {
-            match content_length(headers) {
+            match seen
+                .content_length
+                .then(|| content_length(headers))
+                .flatten()
+            {
                 Some(n) => Decoder::Length(n),
                 None => Decoder::Eof,
             }
         };
         let reusable = parts.version == Version::HTTP_11
             && decoder != Decoder::Eof
-            && !has_token(headers, &CONNECTION, "close");
+            && !(seen.connection && has_token(headers, &CONNECTION, "close"));
         let mut body = H1Body {
             conn: Some(self),
             decoder,
@@ -321,7 +330,8 @@ fn encode_head(req: &Request<RequestBody>, out: &Out, head: &mut Vec<u8>) {
 const RESPONSE_HEADERS_ADDED: usize = 6;
 
 /// A response head at the start of `buf`, taken out of `buf` when complete.
-fn parse_response(buf: &mut BytesMut) -> Result<Option<Response<()>>, BoxError> {
+/// (With which framing headers it has.)
+fn parse_response(buf: &mut BytesMut) -> Result<Option<(Response<()>, Seen)>, BoxError> {
     let mut headers = header_slots();
     let mut resp = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -344,14 +354,14 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<Response<()>>, BoxError> 
     };
     let spans = Spans::of(buf, resp.headers);
     let head = buf.split_to(len).freeze();
-    let map = spans
+    let (map, seen) = spans
         .into_map(&head, RESPONSE_HEADERS_ADDED)
         .map_err(|part| format!("the upstream sent an invalid header {part}"))?;
     let mut out = Response::new(());
     *out.status_mut() = status;
     *out.version_mut() = version;
     *out.headers_mut() = map;
-    Ok(Some(out))
+    Ok(Some((out, seen)))
 }
 
 /// A response body read from its connection, which goes back to the pool at the body's end.

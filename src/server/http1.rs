@@ -24,8 +24,8 @@
 
 use super::{BoxFuture, ClientBody, PeerAddr};
 use crate::wire::{
-    chunk_size, content_length, has_token, header_slots, offsets, write_all, Chunk, Decoder, Spans,
-    Step, MAX_HEADERS,
+    chunk_size, content_length, has_token, header_slots, offsets, write_all, Chunk, Decoder, Seen,
+    Spans, Step, MAX_HEADERS,
 };
 use bytes::{Bytes, BytesMut};
 use http::header::{
@@ -127,7 +127,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
         .map_err(|_| HeadError::Invalid("the request target is not a valid URI"))?;
-    let map = spans
+    let (map, seen) = spans
         .into_map(&head, REQUEST_HEADERS_ADDED)
         .map_err(|part| {
             HeadError::Invalid(if part == "name" {
@@ -136,9 +136,11 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
                 "a header value has invalid characters"
             })
         })?;
-    let framing = framing(&map, version)?;
-    let keep_alive = version == Version::HTTP_11 && !has_token(&map, &CONNECTION, "close");
+    let framing = framing(&map, seen, version)?;
+    let keep_alive =
+        version == Version::HTTP_11 && !(seen.connection && has_token(&map, &CONNECTION, "close"));
     let expect_continue = version == Version::HTTP_11
+        && seen.expect
         && map
             .get(EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
@@ -156,14 +158,17 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
 }
 
 /// The request body's framing (RFC 9112 §6.3), refusing what could smuggle a request.
-fn framing(map: &HeaderMap, version: Version) -> Result<Framing, HeadError> {
-    if map.contains_key(TRANSFER_ENCODING) {
+fn framing(map: &HeaderMap, seen: Seen, version: Version) -> Result<Framing, HeadError> {
+    if !seen.content_length && !seen.transfer_encoding {
+        return Ok(Framing::Length(0));
+    }
+    if seen.transfer_encoding {
         if version == Version::HTTP_10 {
             return Err(HeadError::Invalid(
                 "Transfer-Encoding in an HTTP/1.0 request; send Content-Length",
             ));
         }
-        if map.contains_key(CONTENT_LENGTH) {
+        if seen.content_length {
             return Err(HeadError::Invalid(
                 "the request has both Content-Length and Transfer-Encoding; send one",
             ));
