@@ -262,11 +262,8 @@ async fn identify_and_dispatch(
             .await
             .map(Dispatched::Response);
     }
-    let content_length = parts
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    // The server framed the body by its Content-Length (HTTP/2: hyper did).
+    let content_length = http_body::Body::size_hint(&body).exact();
     let peeked = PeekedBody::read(
         body,
         content_length,
