@@ -3,9 +3,7 @@
 //! until close), chunk-size lines, and vectored writes.
 
 use bytes::{Bytes, BytesMut};
-use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING,
-};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH};
 use std::io::{self, IoSlice};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -207,6 +205,7 @@ pub fn header_slots<'b>() -> [std::mem::MaybeUninit<httparse::Header<'b>>; MAX_H
 /// Where a parsed head's header names and values lie in the buffer it was parsed from, so
 /// that the map can be built from slices of that buffer once it is frozen (no copies).
 /// One entry per header of the head (a fixed array of `MAX_HEADERS` was zeroed per parse).
+#[derive(Debug, Clone)]
 pub struct Spans(Vec<[usize; 4]>);
 
 impl Spans {
@@ -232,38 +231,273 @@ impl Spans {
         let mut map = HeaderMap::with_capacity(self.0.len() + extra);
         let mut seen = Seen::default();
         for &[n0, n1, v0, v1] in &self.0 {
+            seen.note(&head[n0..n1]);
             let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| "name")?;
             let value = HeaderValue::from_maybe_shared(head.slice(v0..v1)).map_err(|_| "value")?;
-            seen.note(&name);
             map.append(name, value);
         }
         Ok((map, seen))
     }
+
+    /// Which of the framing headers the head has (see [`Seen`]), without a map.
+    pub fn seen(&self, head: &[u8]) -> Seen {
+        let mut seen = Seen::default();
+        for &[n0, n1, ..] in &self.0 {
+            seen.note(&head[n0..n1]);
+        }
+        seen
+    }
 }
 
-/// Which of the headers that frame a message or its connection a head has, noted as its
-/// map is built: the hot path then looks up only those that are there (a lookup hashes
-/// the name; most heads have neither `Transfer-Encoding` nor `Connection` nor `Expect`).
+/// Which of the headers that frame a message or its connection a head has, noted as it is
+/// parsed: the hot path then looks up only those that are there (a lookup hashes the name;
+/// most heads have neither `Transfer-Encoding` nor `Connection` nor `Expect`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Seen {
     pub content_length: bool,
     pub transfer_encoding: bool,
     pub connection: bool,
     pub expect: bool,
+    pub date: bool,
 }
 
 impl Seen {
-    /// Comparisons of standard names (no hashing).
-    fn note(&mut self, name: &HeaderName) {
-        if name == CONTENT_LENGTH {
-            self.content_length = true;
-        } else if name == TRANSFER_ENCODING {
-            self.transfer_encoding = true;
-        } else if name == CONNECTION {
-            self.connection = true;
-        } else if name == EXPECT {
-            self.expect = true;
+    /// A length, then one comparison without case (no hashing).
+    fn note(&mut self, name: &[u8]) {
+        let (flag, of) = match name.len() {
+            4 => (&mut self.date, "date"),
+            6 => (&mut self.expect, "expect"),
+            10 => (&mut self.connection, "connection"),
+            14 => (&mut self.content_length, "content-length"),
+            17 => (&mut self.transfer_encoding, "transfer-encoding"),
+            _ => return,
+        };
+        *flag |= name.eq_ignore_ascii_case(of.as_bytes());
+    }
+}
+
+/// A response head passed on as the upstream sent it: its header lines stay bytes of the
+/// buffer they were read into, and the proxy's own headers are appended as encoded lines.
+///
+/// Building an `http::HeaderMap` of the upstream's headers (a name lookup, a hash and a
+/// value check per header), inserting the proxy's headers into it and encoding it again
+/// for the client was a sixth of a proxied request's instructions (benches/README.md,
+/// "Seventh round"). Carried by the response's body ([`CarriesHead`]; the response's map
+/// holds only headers added to it): the HTTP/1.1 server writes it as it is
+/// ([`RawHead::write`]), and [`RawHead::into_map`] gives a map where one is needed (HTTP/2
+/// and TLS clients, served by hyper; deferred jobs; an upload URL to rewrite).
+///
+/// What it passes on (both ways alike, see [`RawHead::passes`]): every header but the
+/// hop-by-hop ones (RFC 9110 §7.6.1, with those `Connection` names, and `x-agent-id`),
+/// `Content-Length` (the server frames the body it sends), and any `x-budget-*` of the
+/// upstream's (the proxy's own say what this proxy decided). httparse checked names and
+/// values by the same rules as `HeaderName` and `HeaderValue`.
+#[derive(Debug, Clone)]
+pub struct RawHead {
+    head: Bytes,
+    spans: Spans,
+    seen: Seen,
+    /// The proxy's headers, as `name: value\r\n` lines.
+    extra: Vec<u8>,
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), and `x-agent-id` (consumed by the proxy): what
+/// `RawHead::passes` must leave out (its test holds it to this list).
+#[cfg(test)]
+const HOP_BY_HOP: [&str; 10] = [
+    "x-agent-id",
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+impl RawHead {
+    /// The head of `spans`, parsed out of `head`.
+    pub fn new(head: Bytes, spans: Spans) -> Self {
+        let seen = spans.seen(&head);
+        Self {
+            head,
+            spans,
+            seen,
+            extra: Vec::new(),
         }
+    }
+
+    /// Which framing headers it has.
+    pub fn seen(&self) -> Seen {
+        self.seen
+    }
+
+    /// At most the bytes [`RawHead::write`] writes.
+    pub fn size(&self) -> usize {
+        self.head.len() + self.extra.len()
+    }
+
+    /// Every header, as sent.
+    fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans
+            .0
+            .iter()
+            .map(|&[n0, n1, v0, v1]| (&self.head[n0..n1], &self.head[v0..v1]))
+    }
+
+    /// The values of the headers named `name` (any case), in order.
+    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+        self.headers()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    /// Whether a header named `name` is there.
+    pub fn has(&self, name: &str) -> bool {
+        self.values(name).next().is_some()
+    }
+
+    /// Add a header of the proxy's; a value `HeaderValue` would refuse (a control
+    /// character) is left out, as a failed `HeaderValue::from_bytes` would be.
+    pub fn push(&mut self, name: &HeaderName, value: &[u8]) {
+        if !value
+            .iter()
+            .all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+        {
+            return;
+        }
+        if self.extra.is_empty() {
+            // Room for the proxy's few headers at once (growing line by line reallocated
+            // at each).
+            self.extra.reserve(160);
+        }
+        self.extra.extend_from_slice(name.as_str().as_bytes());
+        self.extra.extend_from_slice(b": ");
+        self.extra.extend_from_slice(value);
+        self.extra.extend_from_slice(b"\r\n");
+    }
+
+    /// The names `Connection` lists (hop-by-hop too).
+    fn connection_names(&self) -> Vec<&[u8]> {
+        if !self.seen.connection {
+            return Vec::new();
+        }
+        self.values("connection")
+            .flat_map(|v| v.split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .collect()
+    }
+
+    /// Whether the upstream's header `name` is passed on (`length`: keep `Content-Length`,
+    /// for a response without a body, whose length says what a GET would have sent).
+    fn passes(name: &[u8], length: bool, connection: &[&[u8]]) -> bool {
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        // The hop-by-hop names (`HOP_BY_HOP`), by length first: most names are compared
+        // with nothing.
+        let hop = match name.len() {
+            2 => is("te"),
+            7 => is("trailer") || is("upgrade"),
+            10 => is("x-agent-id") || is("connection") || is("keep-alive"),
+            14 => !length && is("content-length"),
+            16 => is("proxy-connection"),
+            17 => is("transfer-encoding"),
+            18 => is("proxy-authenticate"),
+            19 => is("proxy-authorization"),
+            _ => false,
+        };
+        !(hop
+            || name
+                .get(..9)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"x-budget-"))
+            || connection.iter().any(|n| name.eq_ignore_ascii_case(n)))
+    }
+
+    /// Append the header lines to `out`: the upstream's that pass, then the proxy's.
+    pub fn write(&self, out: &mut Vec<u8>, length: bool) {
+        let connection = self.connection_names();
+        for (name, value) in self.headers() {
+            if Self::passes(name, length, &connection) {
+                out.extend_from_slice(name);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        out.extend_from_slice(&self.extra);
+    }
+
+    /// The same headers in `map` (the upstream's appended, then the proxy's inserted over
+    /// any of the same name), `Content-Length` kept: a map's user frames by it.
+    pub fn into_map(self, map: &mut HeaderMap) {
+        let connection = self.connection_names();
+        for &[n0, n1, v0, v1] in &self.spans.0 {
+            if !Self::passes(&self.head[n0..n1], true, &connection) {
+                continue;
+            }
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(&self.head[n0..n1]),
+                HeaderValue::from_maybe_shared(self.head.slice(v0..v1)),
+            ) {
+                map.append(name, value);
+            }
+        }
+        for line in self.extra.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(&line[..colon]),
+                HeaderValue::from_bytes(line[colon + 1..].trim_ascii_start()),
+            ) {
+                map.insert(name, value);
+            }
+        }
+    }
+}
+
+/// A response body that may carry its response's head as the upstream sent it (see
+/// [`RawHead`]). The head travels with the body rather than in the response's extensions:
+/// a first insert into `http::Extensions` allocates and hashes (600 instructions a request).
+pub trait CarriesHead {
+    /// The head, taken out (the response's map then misses its headers).
+    fn take_head(&mut self) -> Option<Box<RawHead>> {
+        None
+    }
+
+    /// The head, to add to.
+    fn head_mut(&mut self) -> Option<&mut RawHead> {
+        None
+    }
+}
+
+impl CarriesHead for http_body_util::Full<Bytes> {}
+
+/// Give `resp` its passed-through head as map entries (see [`RawHead`]), for whatever
+/// needs a map rather than the HTTP/1.1 server.
+pub fn head_into_map<B: CarriesHead>(resp: &mut http::Response<B>) {
+    if let Some(raw) = resp.body_mut().take_head() {
+        let mut map = HeaderMap::with_capacity(raw.spans.0.len() + 6);
+        raw.into_map(&mut map);
+        // Headers added after the raw head replace its headers of the same name.
+        let mut last: Option<HeaderName> = None;
+        for (name, value) in std::mem::take(resp.headers_mut()) {
+            match name {
+                Some(name) => {
+                    map.insert(name.clone(), value);
+                    last = Some(name);
+                }
+                // Another value of the same name.
+                None => {
+                    if let Some(name) = &last {
+                        map.append(name.clone(), value);
+                    }
+                }
+            }
+        }
+        *resp.headers_mut() = map;
     }
 }
 
@@ -278,20 +512,33 @@ pub fn offsets(buf: &[u8], part: &[u8]) -> (usize, usize) {
 /// Whether the comma-separated values of `name` include `token` (any case), as
 /// `Connection: close`.
 pub fn has_token(map: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    map.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    has_token_in(map.get_all(name).iter().map(HeaderValue::as_bytes), token)
+}
+
+/// [`has_token`] over a header's values.
+pub fn has_token_in<'a>(mut values: impl Iterator<Item = &'a [u8]>, token: &str) -> bool {
+    values.any(|v| {
+        v.split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
     })
 }
 
 /// A message's `Content-Length`: `None` when absent, not a number, or given several
 /// times with different values.
 pub fn content_length(headers: &HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(CONTENT_LENGTH).iter();
-    let n = values.next()?.to_str().ok()?.trim().parse().ok()?;
-    values
-        .all(|v| v.to_str().ok().and_then(|v| v.trim().parse().ok()) == Some(n))
-        .then_some(n)
+    content_length_in(
+        headers
+            .get_all(CONTENT_LENGTH)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    )
+}
+
+/// [`content_length`] over the header's values.
+pub fn content_length_in<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Option<u64> {
+    let number = |v: &[u8]| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok();
+    let n = number(values.next()?)?;
+    values.all(|v| number(v) == Some(n)).then_some(n)
 }
 
 #[cfg(test)]
@@ -374,9 +621,8 @@ mod tests {
             seen,
             Seen {
                 content_length: true,
-                transfer_encoding: false,
                 connection: true,
-                expect: false
+                ..Seen::default()
             }
         );
         assert_eq!(map.get_all("x-a").iter().count(), 2);
@@ -391,6 +637,80 @@ mod tests {
         twice.append(CONTENT_LENGTH, HeaderValue::from(3));
         twice.append(CONTENT_LENGTH, HeaderValue::from(4));
         assert_eq!(content_length(&twice), None, "disagreeing lengths");
+    }
+
+    #[test]
+    fn a_raw_head_passes_on_what_a_map_would() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Type: a/b\r\nContent-Length: 5\r\nConnection: x-Secret\r\nX-Secret: 1\r\nTE: trailers\r\nX-Budget-Agent: other\r\nx-keep: 1\r\nx-keep: 2\r\nDate: d\r\n\r\n";
+        let mut headers = header_slots();
+        let mut resp = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            raw,
+            &mut headers,
+        ) {
+            Ok(httparse::Status::Complete(n)) => n,
+            other => panic!("{other:?}"),
+        };
+        let spans = Spans::of(raw, resp.headers);
+        let mut head = RawHead::new(Bytes::copy_from_slice(&raw[..len]), spans);
+        assert!(head.seen().content_length && head.seen().connection && head.seen().date);
+        assert!(head.has("X-KEEP") && !head.has("x-kept"));
+        head.push(&HeaderName::from_static("x-budget-agent"), b"sage");
+        head.push(&HeaderName::from_static("x-budget-model"), b"bad\nvalue");
+
+        let mut out = Vec::new();
+        head.write(&mut out, false);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "Content-Type: a/b\r\nx-keep: 1\r\nx-keep: 2\r\nDate: d\r\nx-budget-agent: sage\r\n"
+        );
+        let mut out = Vec::new();
+        head.write(&mut out, true);
+        assert!(
+            String::from_utf8_lossy(&out).contains("Content-Length: 5\r\n"),
+            "kept without a body"
+        );
+
+        struct WithHead(Option<Box<RawHead>>);
+        impl CarriesHead for WithHead {
+            fn take_head(&mut self) -> Option<Box<RawHead>> {
+                self.0.take()
+            }
+        }
+        let mut r = http::Response::new(WithHead(Some(Box::new(head))));
+        r.headers_mut()
+            .insert("x-added", HeaderValue::from_static("later"));
+        head_into_map(&mut r);
+        let names: Vec<_> = r.headers().keys().map(HeaderName::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "content-type",
+                "content-length",
+                "x-keep",
+                "date",
+                "x-budget-agent",
+                "x-added"
+            ]
+        );
+        assert_eq!(r.headers().get_all("x-keep").iter().count(), 2);
+        assert_eq!(r.headers()["x-budget-agent"], "sage");
+    }
+
+    #[test]
+    fn no_hop_by_hop_header_passes_in_any_case() {
+        for name in HOP_BY_HOP {
+            assert!(!RawHead::passes(name.as_bytes(), true, &[]), "{name}");
+            let upper = name.to_ascii_uppercase();
+            assert!(!RawHead::passes(upper.as_bytes(), true, &[]), "{upper}");
+        }
+        assert!(RawHead::passes(b"Content-Length", true, &[]));
+        assert!(!RawHead::passes(b"Content-Length", false, &[]));
+        assert!(RawHead::passes(b"x-budget", false, &[]));
+        assert!(!RawHead::passes(b"X-Budget-Remaining", false, &[]));
+        assert!(!RawHead::passes(b"X-Mine", false, &[b"x-mine"]));
+        assert!(RawHead::passes(b"x-goog-upload-url", false, &[b"x-mine"]));
     }
 
     #[test]

@@ -631,6 +631,57 @@ async fn hop_by_hop_headers_are_not_forwarded() {
     assert_eq!(got.header("host"), Some(&*h.mock.addr.to_string()));
 }
 
+/// The upstream's head goes back as it came (HTTP/1.1 clients) or through a map (HTTP/2
+/// clients, served by hyper): either way without its hop-by-hop headers or an `x-budget-*`
+/// of its own, and with the proxy's.
+#[tokio::test]
+async fn hop_by_hop_headers_of_the_upstream_are_not_passed_back() {
+    let h = Harness::start(CONFIG).await;
+    h.mock.set_behavior(
+        Behavior::new()
+            .response_header("connection", "x-hop-secret")
+            .response_header("x-hop-secret", "1")
+            .response_header("keep-alive", "timeout=5")
+            .response_header("x-budget-agent", "someone-else")
+            .response_header("x-budget-model", "upstream-model")
+            .response_header("X-Upstream-Keep", "yes")
+            .response_header("x-upstream-keep", "twice"),
+    );
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for (client, version) in [
+        (&h.http, reqwest::Version::HTTP_11),
+        (&h2, reqwest::Version::HTTP_2),
+    ] {
+        let r = client
+            .post(h.url("/agents/sage/v1beta/models/gemini-2.5-flash:generateContent"))
+            .json(&hello())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), version);
+        assert_eq!(r.status(), 200);
+        let headers = r.headers().clone();
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["usageMetadata"]["totalTokenCount"], 30, "{version:?}");
+        for gone in ["x-hop-secret", "keep-alive", "connection", "x-budget-model"] {
+            assert!(
+                headers.get(gone).is_none(),
+                "{gone} passed back ({version:?})"
+            );
+        }
+        let agent: Vec<_> = headers.get_all("x-budget-agent").iter().collect();
+        assert_eq!(agent, ["sage"], "{version:?}");
+        assert_eq!(headers["x-budget-action"], "allow");
+        let kept: Vec<_> = headers.get_all("x-upstream-keep").iter().collect();
+        assert_eq!(kept, ["yes", "twice"], "{version:?}");
+        assert_eq!(headers["content-type"], "application/json; charset=UTF-8");
+        assert_eq!(headers.get_all("date").iter().count(), 1, "{version:?}");
+    }
+}
+
 #[tokio::test]
 async fn http2_prior_knowledge_clients_are_served() {
     let h = Harness::start(CONFIG).await;

@@ -219,6 +219,15 @@ pub enum ResponseBody {
     Metered(MeteredBody),
 }
 
+impl crate::wire::CarriesHead for ResponseBody {
+    fn take_head(&mut self) -> Option<Box<crate::wire::RawHead>> {
+        match self {
+            ResponseBody::Metered(m) => m.take_head(),
+            ResponseBody::Full(_) => None,
+        }
+    }
+}
+
 impl ResponseBody {
     /// A fixed body.
     pub fn full(b: Bytes) -> Self {

@@ -16,10 +16,11 @@
 use super::body::RequestBody;
 use super::upstream::Pool;
 use crate::wire::{
-    chunk_size, content_length, has_token, header_slots, write_all_to, Decoder, Seen, Spans, Step,
+    chunk_size, content_length_in, has_token_in, header_slots, write_all_to, Decoder, RawHead,
+    Spans, Step,
 };
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::MaybeHttpsStream;
@@ -209,7 +210,7 @@ impl H1Conn {
             if !self.buf.is_empty() {
                 match parse_response(&mut self.buf).map_err(SendError::sent)? {
                     Some((resp, _)) if resp.status().is_informational() => continue,
-                    Some((resp, seen)) => return Ok(self.into_exchange(resp, seen, method, pool)),
+                    Some((resp, raw)) => return Ok(self.into_exchange(resp, raw, method, pool)),
                     None => {}
                 }
             }
@@ -234,13 +235,12 @@ impl H1Conn {
     fn into_exchange(
         self,
         resp: Response<()>,
-        seen: Seen,
+        raw: RawHead,
         method: &Method,
         pool: &Arc<Pool>,
     ) -> Response<H1Body> {
-        let (parts, ()) = resp.into_parts();
-        let status = parts.status;
-        let headers = &parts.headers;
+        let seen = raw.seen();
+        let status = resp.status();
         let decoder = if method == Method::HEAD
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
@@ -248,14 +248,13 @@ impl H1Conn {
             Decoder::Length(0)
         } else if let Some(te) = seen
             .transfer_encoding
-            .then(|| headers.get_all(TRANSFER_ENCODING).iter().next_back())
+            .then(|| raw.values("transfer-encoding").last())
             .flatten()
         {
             let chunked = te
-                .to_str()
-                .ok()
-                .and_then(|v| v.rsplit(',').next())
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             if chunked {
                 Decoder::Chunked(crate::wire::Chunk::Size)
             } else {
@@ -264,21 +263,23 @@ impl H1Conn {
         } else {
             match seen
                 .content_length
-                .then(|| content_length(headers))
+                .then(|| content_length_in(raw.values("content-length")))
                 .flatten()
             {
                 Some(n) => Decoder::Length(n),
                 None => Decoder::Eof,
             }
         };
-        let reusable = parts.version == Version::HTTP_11
+        let reusable = resp.version() == Version::HTTP_11
             && decoder != Decoder::Eof
-            && !(seen.connection && has_token(headers, &CONNECTION, "close"));
+            && !(seen.connection && has_token_in(raw.values("connection"), "close"));
+        let (parts, ()) = resp.into_parts();
         let mut body = H1Body {
             conn: Some(self),
             decoder,
             reusable,
             pool: pool.clone(),
+            head: Some(Box::new(raw)),
         };
         if body.decoder.is_done() {
             body.finish();
@@ -325,13 +326,10 @@ fn encode_head(req: &Request<RequestBody>, out: &Out, head: &mut Vec<u8>) {
     head.extend_from_slice(b"\r\n");
 }
 
-/// Headers the proxy adds to a response on its way back (the `x-budget-*` ones): the map
-/// is made with room for them, so that adding them does not grow and re-hash it.
-const RESPONSE_HEADERS_ADDED: usize = 6;
-
 /// A response head at the start of `buf`, taken out of `buf` when complete.
-/// (With which framing headers it has.)
-fn parse_response(buf: &mut BytesMut) -> Result<Option<(Response<()>, Seen)>, BoxError> {
+/// Its headers stay as they came ([`RawHead`], handed to the body): the response's map is
+/// empty.
+fn parse_response(buf: &mut BytesMut) -> Result<Option<(Response<()>, RawHead)>, BoxError> {
     let mut headers = header_slots();
     let mut resp = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -354,14 +352,10 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<(Response<()>, Seen)>, Bo
     };
     let spans = Spans::of(buf, resp.headers);
     let head = buf.split_to(len).freeze();
-    let (map, seen) = spans
-        .into_map(&head, RESPONSE_HEADERS_ADDED)
-        .map_err(|part| format!("the upstream sent an invalid header {part}"))?;
     let mut out = Response::new(());
     *out.status_mut() = status;
     *out.version_mut() = version;
-    *out.headers_mut() = map;
-    Ok(Some((out, seen)))
+    Ok(Some((out, RawHead::new(head, spans))))
 }
 
 /// A response body read from its connection, which goes back to the pool at the body's end.
@@ -372,6 +366,18 @@ pub struct H1Body {
     /// Whether the connection can take another request after this body.
     reusable: bool,
     pool: Arc<Pool>,
+    /// The response's headers, as they came (the response's map is empty).
+    head: Option<Box<RawHead>>,
+}
+
+impl crate::wire::CarriesHead for H1Body {
+    fn take_head(&mut self) -> Option<Box<RawHead>> {
+        self.head.take()
+    }
+
+    fn head_mut(&mut self) -> Option<&mut RawHead> {
+        self.head.as_deref_mut()
+    }
 }
 
 impl std::fmt::Debug for H1Body {

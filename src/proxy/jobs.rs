@@ -357,7 +357,8 @@ async fn run_one(shared: &Arc<Shared>, job: Job) -> bool {
                 blocking(move || s.transition_job(&id, JobState::Running, JobState::Pending)).await;
             return false;
         }
-        Ok(Dispatched::Response(resp)) => {
+        Ok(Dispatched::Response(mut resp)) => {
+            crate::wire::head_into_map(&mut resp);
             let (p, b) = resp.into_parts();
             let body = match http_body_util::Limited::new(b, MAX_RESPONSE_BYTES)
                 .collect()

@@ -117,6 +117,12 @@ pub struct MeteredBody {
     meter: Option<Box<Meter>>,
 }
 
+impl crate::wire::CarriesHead for MeteredBody {
+    fn take_head(&mut self) -> Option<Box<crate::wire::RawHead>> {
+        self.inner.as_mut()?.take_head()
+    }
+}
+
 impl MeteredBody {
     /// Wrap `inner`; `meter` is `None` for responses that are not budgeted.
     pub fn new(inner: UpstreamBody, meter: Option<Meter>) -> Self {

@@ -15,6 +15,7 @@ use crate::error::ProxyError;
 use crate::gemini::{body as gbody, parse_model_call, rewrite_model_in_path};
 use crate::identity::{identify, Identity, KeyPlace};
 use crate::server::ClientBody;
+use crate::wire::{CarriesHead as _, RawHead};
 use arc_swap::ArcSwap;
 use body::{PeekedBody, RequestBody, ResponseBody};
 use bytes::Bytes;
@@ -104,25 +105,35 @@ pub(crate) struct BudgetHeaders {
 }
 
 impl BudgetHeaders {
-    fn apply(&self, h: &mut HeaderMap) {
-        if let Ok(agent) = HeaderValue::from_str(&self.agent_id) {
-            h.insert(X_BUDGET_AGENT, agent);
-        }
-        h.insert(X_BUDGET_REMAINING, HeaderValue::from(self.remaining_tokens));
-        h.insert(X_BUDGET_ACTION, HeaderValue::from_static(self.action));
-        if let Some(m) = self
-            .model
-            .as_deref()
-            .and_then(|m| HeaderValue::from_str(m).ok())
-        {
-            h.insert(X_BUDGET_MODEL, m);
+    /// Each header with its value: the one list behind both ways of adding them.
+    fn each(&self, mut f: impl FnMut(&HeaderName, &[u8])) {
+        let mut number = itoa::Buffer::new();
+        f(&X_BUDGET_AGENT, self.agent_id.as_bytes());
+        f(
+            &X_BUDGET_REMAINING,
+            number.format(self.remaining_tokens).as_bytes(),
+        );
+        f(&X_BUDGET_ACTION, self.action.as_bytes());
+        if let Some(m) = self.model.as_deref() {
+            f(&X_BUDGET_MODEL, m.as_bytes());
         }
         if let Some(ms) = self.queued_ms {
-            h.insert(
-                X_BUDGET_QUEUED_MS,
-                HeaderValue::from(u64::try_from(ms).unwrap_or(u64::MAX)),
-            );
+            f(&X_BUDGET_QUEUED_MS, number.format(ms).as_bytes());
         }
+    }
+
+    /// Set them in `h` (over any of the same name).
+    fn apply(&self, h: &mut HeaderMap) {
+        self.each(|name, value| {
+            if let Ok(v) = HeaderValue::from_bytes(value) {
+                h.insert(name.clone(), v);
+            }
+        });
+    }
+
+    /// Add them to a passed-through head (which leaves out the upstream's `x-budget-*`).
+    fn apply_raw(&self, raw: &mut RawHead) {
+        self.each(|name, value| raw.push(name, value));
     }
 }
 
@@ -645,12 +656,26 @@ pub(crate) async fn dispatch(
         Ok(Ok(sent)) => sent,
     };
 
-    let (mut rparts, rbody) = resp.into_parts();
-    strip_hop_by_hop(&mut rparts.headers);
-    if let Some(h) = trace.budget_headers.as_ref() {
-        h.apply(&mut rparts.headers);
+    let (mut rparts, mut rbody) = resp.into_parts();
+    match rbody.head_mut() {
+        // HTTP/1.1 from the upstream: its head goes on as it came (see `RawHead`).
+        Some(raw) if !raw.has(X_GOOG_UPLOAD_URL.as_str()) => {
+            if let Some(h) = trace.budget_headers.as_ref() {
+                h.apply_raw(raw);
+            }
+        }
+        _ => {
+            // HTTP/2, or an upload URL to rewrite: a map.
+            if let Some(raw) = rbody.take_head() {
+                raw.into_map(&mut rparts.headers);
+            }
+            strip_hop_by_hop(&mut rparts.headers);
+            if let Some(h) = trace.budget_headers.as_ref() {
+                h.apply(&mut rparts.headers);
+            }
+            rewrite_upload_url(&mut rparts.headers, &public_base, full_path);
+        }
     }
-    rewrite_upload_url(&mut rparts.headers, &public_base, full_path);
     let meter = reservation.map(|r| Meter::new(r, model, shared.clone()));
     Ok(Dispatched::Response(Response::from_parts(
         rparts,

@@ -180,6 +180,23 @@ pub enum UpstreamError {
 /// hyper's HTTP/2 (`Either::Right`). `Either`'s errors are boxed.
 pub type UpstreamBody = Either<H1Body, Incoming>;
 
+/// Only HTTP/1.1 responses keep their head as it came.
+impl crate::wire::CarriesHead for UpstreamBody {
+    fn take_head(&mut self) -> Option<Box<crate::wire::RawHead>> {
+        match self {
+            Either::Left(h1) => h1.take_head(),
+            Either::Right(_) => None,
+        }
+    }
+
+    fn head_mut(&mut self) -> Option<&mut crate::wire::RawHead> {
+        match self {
+            Either::Left(h1) => h1.head_mut(),
+            Either::Right(_) => None,
+        }
+    }
+}
+
 /// Idle HTTP/1.1 connections kept per pool at most (hyper-util's pool had the same cap).
 const MAX_IDLE: usize = 1024;
 

@@ -24,8 +24,8 @@
 
 use super::{BoxFuture, ClientBody, PeerAddr};
 use crate::wire::{
-    chunk_size, content_length, has_token, header_slots, offsets, write_all, Chunk, Decoder, Seen,
-    Spans, Step, MAX_HEADERS,
+    chunk_size, content_length, has_token, header_slots, offsets, write_all, CarriesHead, Chunk,
+    Decoder, RawHead, Seen, Spans, Step, MAX_HEADERS,
 };
 use bytes::{Bytes, BytesMut};
 use http::header::{
@@ -221,7 +221,7 @@ pub(super) async fn serve_connection<H, B>(
     stop: watch::Receiver<bool>,
 ) where
     H: Fn(Request<ClientBody>) -> BoxFuture<Response<B>> + Send + Sync + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + CarriesHead + Send + 'static,
     B::Error: Into<BoxError> + Send,
 {
     let (read, write) = stream.into_split();
@@ -426,7 +426,7 @@ async fn write_refusal(write: &OwnedWriteHalf, e: &HeadError) -> io::Result<()> 
     headers.insert(CONNECTION, HeaderValue::from_static("close"));
     headers.insert(DATE, date());
     let mut head = Vec::with_capacity(256);
-    encode_head(status, &headers, &mut head);
+    encode_head(status, None, false, &headers, &mut head);
     write_all(write, &mut [IoSlice::new(&head), IoSlice::new(&body)]).await
 }
 
@@ -461,14 +461,19 @@ impl Outgoing<'_> {
         buf: &mut BytesMut,
     ) -> bool
     where
-        B: Body<Data = Bytes>,
+        B: Body<Data = Bytes> + CarriesHead,
         B::Error: Into<BoxError>,
     {
-        let (mut parts, body) = resp.into_parts();
+        let (mut parts, mut body) = resp.into_parts();
         let status = parts.status;
+        // An upstream's head passed on as it came (its framing and hop-by-hop headers are
+        // left out as it is written); the map holds what was added to it.
+        let raw = body.take_head();
         let headers = &mut parts.headers;
         // Framing is this connection's to set (a handler forwards the upstream's headers).
-        headers.remove(TRANSFER_ENCODING);
+        if !headers.is_empty() {
+            headers.remove(TRANSFER_ENCODING);
+        }
         let no_body = self.is_head
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
@@ -493,11 +498,12 @@ impl Outgoing<'_> {
         if !keep_alive {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        if !headers.contains_key(DATE) {
+        if !headers.contains_key(DATE) && !raw.as_ref().is_some_and(|r| r.seen().date) {
             headers.insert(DATE, date());
         }
-        let mut head = Vec::with_capacity(64 + 40 * headers.len());
-        encode_head(status, headers, &mut head);
+        let mut head =
+            Vec::with_capacity(64 + raw.as_ref().map_or(0, |r| r.size()) + 40 * headers.len());
+        encode_head(status, raw.as_deref(), no_body, headers, &mut head);
         if out == Out::None {
             // Dropped unpolled (an empty upstream body gave its connection back already,
             // see `proxy::h1client`).
@@ -608,13 +614,23 @@ impl Outgoing<'_> {
     }
 }
 
-/// The status line and headers, as HTTP/1.1 writes them.
-fn encode_head(status: StatusCode, headers: &HeaderMap, out: &mut Vec<u8>) {
+/// The status line and headers, as HTTP/1.1 writes them: a passed-through head's first
+/// (its `Content-Length` only when the response has no body), then the map's.
+fn encode_head(
+    status: StatusCode,
+    raw: Option<&RawHead>,
+    no_body: bool,
+    headers: &HeaderMap,
+    out: &mut Vec<u8>,
+) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    if let Some(raw) = raw {
+        raw.write(out, no_body);
+    }
     for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");

@@ -161,7 +161,7 @@ pub async fn serve<H, B>(
 ) -> usize
 where
     H: Fn(Request<ClientBody>) -> BoxFuture<Response<B>> + Send + Sync + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + crate::wire::CarriesHead + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
     let handler = Arc::new(handler);
@@ -208,7 +208,12 @@ where
                 req.extensions_mut().insert(Secure);
             }
             let fut = h(req);
-            async move { Ok::<_, Infallible>(fut.await) }
+            async move {
+                // hyper writes the map: a passed-through head goes into it.
+                let mut resp = fut.await;
+                crate::wire::head_into_map(&mut resp);
+                Ok::<_, Infallible>(resp)
+            }
         });
         // The watcher is taken now, so shutdown waits for this connection from here on.
         let watcher = graceful.watcher();

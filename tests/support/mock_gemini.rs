@@ -137,6 +137,8 @@ pub struct Behavior {
     pub mid_stream_error: bool,
     /// `modelVersion` in responses (default: the model id from the path).
     pub model_version: Option<String>,
+    /// Headers added to every successful response.
+    pub response_headers: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for Behavior {
@@ -157,6 +159,7 @@ impl Default for Behavior {
             cut_after_chunks: None,
             mid_stream_error: false,
             model_version: None,
+            response_headers: Vec::new(),
         }
     }
 }
@@ -222,6 +225,11 @@ impl Behavior {
         self.mid_stream_error = yes;
         self
     }
+    pub fn response_header(mut self, name: &'static str, value: &'static str) -> Self {
+        self.response_headers.push((name, value));
+        self
+    }
+
     pub fn model_version(mut self, v: impl Into<String>) -> Self {
         self.model_version = Some(v.into());
         self
@@ -642,7 +650,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody>
         return error_response(b.status, b.error_message.as_deref());
     }
     let usage = usage_for(&b, &body);
-    match route {
+    let mut resp = match route {
         Route::Generate(model) => generate(&state, index, &b, &model, usage),
         Route::StreamSse(model) => stream(&state, index, &b, &model, usage, StreamKind::Sse),
         Route::StreamArray(model) => stream(&state, index, &b, &model, usage, StreamKind::Array),
@@ -699,7 +707,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody>
         ),
         Route::GetModel(m) => json_response(200, &model_json(&m)),
         Route::NotFound => error_response(404, None),
+    };
+    for (name, value) in &b.response_headers {
+        resp.headers_mut()
+            .append(*name, HeaderValue::from_static(value));
     }
+    resp
 }
 
 fn model_json(id: &str) -> serde_json::Value {
