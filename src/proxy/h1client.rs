@@ -317,9 +317,10 @@ fn encode_head(req: &Request<RequestBody>, out: &Out, head: &mut Vec<u8>) {
                 Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
             ) => {}
         Some(n) => {
-            use std::io::Write as _;
-            // Writing to a Vec cannot fail.
-            let _ = write!(head, "content-length: {n}\r\n");
+            // (`write!` went through `fmt`: 330 instructions a request.)
+            head.extend_from_slice(b"content-length: ");
+            head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            head.extend_from_slice(b"\r\n");
         }
         None => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
