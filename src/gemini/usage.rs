@@ -888,20 +888,18 @@ impl UsageScanner {
             return;
         }
         let inner = &self.cap_buf[1..self.cap_buf.len() - 1];
-        // Printable ASCII (a model id): the bytes are the string. One pass, where a search
-        // for a backslash and a UTF-8 check cost a call each.
-        let plain = inner
-            .iter()
-            .all(|&b| (0x20..0x7f).contains(&b) && b != b'\\');
-        if plain {
-            // Every stream event repeats it: kept when the same.
-            if self.model_version.as_deref().map(str::as_bytes) != Some(inner) {
-                let mv = self.model_version.get_or_insert_with(String::new);
-                mv.clear();
-                mv.extend(inner.iter().map(|&b| char::from(b)));
+        let escaped = inner.contains(&b'\\');
+        if !escaped && self.model_version.as_deref().map(str::as_bytes) == Some(inner) {
+            // The same as before (every stream event repeats it).
+        } else if !escaped {
+            if let Ok(s) = std::str::from_utf8(inner) {
+                if self.model_version.as_deref() != Some(s) {
+                    let mv = self.model_version.get_or_insert_with(String::new);
+                    mv.clear();
+                    mv.push_str(s);
+                }
             }
         } else if let Ok(s) = serde_json::from_slice::<String>(&self.cap_buf) {
-            // Escapes or other characters: as JSON says.
             self.model_version = Some(s);
         }
         self.cap_buf.clear();
