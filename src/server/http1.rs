@@ -359,7 +359,7 @@ async fn next_head(
         if idle {
             // Idle: no buffer and no timer until a byte arrives; only shutdown.
             tokio::select! {
-                r = read.readable() => if r.is_err() { return Ok(None) },
+                r = readable(read) => if r.is_err() { return Ok(None) },
                 () = stopping.as_mut() => return Ok(None),
             }
         }
@@ -393,6 +393,18 @@ async fn next_head(
     }
 }
 
+/// Resolves when the socket has bytes to read (or was closed).
+///
+/// tokio's `readable()` puts a waiter in the socket's list under its lock and takes it out
+/// again when dropped, twice per request here (waiting for the next request, and watching
+/// the client while its request is handled: ~500 instructions); `poll_read_ready` keeps the
+/// waker in the socket's one reader slot. Only one task reads a connection's socket at a
+/// time (the loop, or a request body that took the reading half), so the slot is ours.
+async fn readable(read: &OwnedReadHalf) -> io::Result<()> {
+    let tcp: &TcpStream = read.as_ref();
+    std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await
+}
+
 /// Resolves when the client closed the connection (or it failed). Bytes that arrive in the
 /// meantime (a pipelined request) are kept in `buf`, up to one head's worth; no buffer is
 /// taken before a byte arrives (a parked request's connection holds none).
@@ -402,7 +414,7 @@ async fn client_gone(read: &mut OwnedReadHalf, buf: &mut BytesMut) {
             // Enough read ahead: stop watching rather than buffer without bound.
             return std::future::pending().await;
         }
-        if read.readable().await.is_err() {
+        if readable(read).await.is_err() {
             return;
         }
         if buf.capacity() - buf.len() < HEAD_READ_BYTES / 4 {
