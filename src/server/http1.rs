@@ -302,6 +302,7 @@ pub(super) async fn serve_connection<H, B>(
         let resp = loop {
             match (read.as_mut(), back.as_mut()) {
                 (Some(reader), _) => tokio::select! {
+                    biased;
                     resp = &mut response => break resp,
                     () = client_gone(reader, &mut buf) => return,
                 },
@@ -343,6 +344,12 @@ pub(super) async fn serve_connection<H, B>(
 
 /// Read the next request head: `Ok(None)` when the client closed the connection or
 /// `stopping` resolved (shutdown) while it was idle or partly read.
+///
+/// The `select!`s of this file are `biased`: the branch that usually completes (bytes
+/// read, a response or a frame ready) is polled first, so that the watch beside it
+/// (shutdown, the client leaving) is polled only while it is waited on: each poll of the
+/// shutdown watch cost ~150 instructions, and an unbiased `select!` polled it up to three
+/// times per request.
 async fn next_head(
     read: &mut OwnedReadHalf,
     buf: &mut BytesMut,
@@ -359,6 +366,7 @@ async fn next_head(
         if idle {
             // Idle: no buffer and no timer until a byte arrives; only shutdown.
             tokio::select! {
+                biased;
                 r = readable(read) => if r.is_err() { return Ok(None) },
                 () = stopping.as_mut() => return Ok(None),
             }
@@ -368,6 +376,7 @@ async fn next_head(
         }
         let n = if idle {
             tokio::select! {
+                biased;
                 n = read.read_buf(buf) => n,
                 () = stopping.as_mut() => return Ok(None),
             }
@@ -376,6 +385,7 @@ async fn next_head(
                 *deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEAD_TIMEOUT);
             // A head half-sent when shutdown comes is not waited for.
             tokio::select! {
+                biased;
                 n = tokio::time::timeout_at(deadline, read.read_buf(buf)) => match n {
                     Ok(n) => n,
                     Err(_) => {
@@ -553,6 +563,7 @@ impl Outgoing<'_> {
                 Some(frame) => frame,
                 None => match read.as_deref_mut() {
                     Some(reader) => tokio::select! {
+                        biased;
                         frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)) => frame,
                         () = client_gone(reader, buf) => return false,
                     },
