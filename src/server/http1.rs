@@ -526,6 +526,9 @@ impl Outgoing<'_> {
         let mut head =
             Vec::with_capacity(64 + raw.as_ref().map_or(0, |r| r.size()) + 40 * headers.len());
         encode_head(status, raw.as_deref(), no_body, headers, &mut head);
+        // Its bytes share the upstream connection's read buffer: let go of them before the
+        // body is read into it (a stream's next reads can then reuse the buffer).
+        drop(raw);
         if out == Out::None {
             // Dropped unpolled (an empty upstream body gave its connection back already,
             // see `proxy::h1client`).
