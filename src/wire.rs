@@ -301,8 +301,25 @@ pub struct RawHead {
     extra: Vec<u8>,
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), and `x-agent-id` (consumed by the proxy): what
-/// `RawHead::passes` must leave out (its test holds it to this list).
+/// Whether `name` (any case) is a hop-by-hop header (RFC 9110 §7.6.1; those a `Connection`
+/// header names are the caller's to add), or `x-agent-id` (consumed by the proxy, like the
+/// `/agents/{id}` prefix: the agent's name is not Google's business). By length first:
+/// most names are compared with nothing.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    match name.len() {
+        2 => is("te"),
+        7 => is("trailer") || is("upgrade"),
+        10 => is("x-agent-id") || is("connection") || is("keep-alive"),
+        16 => is("proxy-connection"),
+        17 => is("transfer-encoding"),
+        18 => is("proxy-authenticate"),
+        19 => is("proxy-authorization"),
+        _ => false,
+    }
+}
+
+/// The names [`is_hop_by_hop`] must tell (its test holds it to this list).
 #[cfg(test)]
 const HOP_BY_HOP: [&str; 10] = [
     "x-agent-id",
@@ -393,21 +410,8 @@ impl RawHead {
     /// Whether the upstream's header `name` is passed on (`length`: keep `Content-Length`,
     /// for a response without a body, whose length says what a GET would have sent).
     fn passes(name: &[u8], length: bool, connection: &[&[u8]]) -> bool {
-        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
-        // The hop-by-hop names (`HOP_BY_HOP`), by length first: most names are compared
-        // with nothing.
-        let hop = match name.len() {
-            2 => is("te"),
-            7 => is("trailer") || is("upgrade"),
-            10 => is("x-agent-id") || is("connection") || is("keep-alive"),
-            14 => !length && is("content-length"),
-            16 => is("proxy-connection"),
-            17 => is("transfer-encoding"),
-            18 => is("proxy-authenticate"),
-            19 => is("proxy-authorization"),
-            _ => false,
-        };
-        !(hop
+        !(is_hop_by_hop(name)
+            || (!length && name.eq_ignore_ascii_case(b"content-length"))
             || name
                 .get(..9)
                 .is_some_and(|p| p.eq_ignore_ascii_case(b"x-budget-"))
@@ -601,20 +605,24 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn header_maps_are_slices_of_the_head() {
-        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\nConnection: keep-alive, Close\r\n\r\nhello";
+    /// The length of the response head at the start of `raw`, and its spans.
+    fn parse_response_head(raw: &[u8]) -> (usize, Spans) {
         let mut headers = header_slots();
         let mut resp = httparse::Response::new(&mut []);
-        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
             &mut resp,
             raw,
             &mut headers,
         ) {
-            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Complete(n)) => (n, Spans::of(raw, resp.headers)),
             other => panic!("{other:?}"),
-        };
-        let spans = Spans::of(raw, resp.headers);
+        }
+    }
+
+    #[test]
+    fn header_maps_are_slices_of_the_head() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\nConnection: keep-alive, Close\r\n\r\nhello";
+        let (len, spans) = parse_response_head(raw);
         let head = Bytes::copy_from_slice(&raw[..len]);
         let (map, seen) = spans.into_map(&head, 0).expect("valid");
         assert_eq!(
@@ -642,17 +650,7 @@ mod tests {
     #[test]
     fn a_raw_head_passes_on_what_a_map_would() {
         let raw = b"HTTP/1.1 200 OK\r\nContent-Type: a/b\r\nContent-Length: 5\r\nConnection: x-Secret\r\nX-Secret: 1\r\nTE: trailers\r\nX-Budget-Agent: other\r\nx-keep: 1\r\nx-keep: 2\r\nDate: d\r\n\r\n";
-        let mut headers = header_slots();
-        let mut resp = httparse::Response::new(&mut []);
-        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut resp,
-            raw,
-            &mut headers,
-        ) {
-            Ok(httparse::Status::Complete(n)) => n,
-            other => panic!("{other:?}"),
-        };
-        let spans = Spans::of(raw, resp.headers);
+        let (len, spans) = parse_response_head(raw);
         let mut head = RawHead::new(Bytes::copy_from_slice(&raw[..len]), spans);
         assert!(head.seen().content_length && head.seen().connection && head.seen().date);
         assert!(head.has("X-KEEP") && !head.has("x-kept"));

@@ -861,27 +861,12 @@ fn rewrite_upload_url(headers: &mut HeaderMap, public_base: &PublicBase, full_pa
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), and `x-agent-id` (consumed by the proxy, like the
-/// `/agents/{id}` prefix: the agent's name is not Google's business). Constants: a `&str`
-/// name would be parsed on every lookup.
-const HOP_BY_HOP: [HeaderName; 10] = [
-    HeaderName::from_static("x-agent-id"),
-    http::header::CONNECTION,
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    http::header::TE,
-    http::header::TRAILER,
-    http::header::TRANSFER_ENCODING,
-    http::header::UPGRADE,
-    http::header::PROXY_AUTHORIZATION,
-    http::header::PROXY_AUTHENTICATE,
-];
-
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`,
 /// and `x-agent-id` (consumed by the proxy, like the `/agents/{id}` prefix).
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let hop = |k: &HeaderName| crate::wire::is_hop_by_hop(k.as_str().as_bytes());
     // One pass over the (few) names first: most messages carry none of them.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    if !h.keys().any(hop) {
         return;
     }
     if h.contains_key(http::header::CONNECTION) {
@@ -896,7 +881,8 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
             h.remove(n);
         }
     }
-    for n in &HOP_BY_HOP {
+    let named: Vec<HeaderName> = h.keys().filter(|k| hop(k)).cloned().collect();
+    for n in named {
         h.remove(n);
     }
 }
