@@ -129,54 +129,52 @@ impl<'a> Reader<'a> {
     /// the value, then `}`. `member` must check with [`Reader::plain`] any key it does not
     /// match against a known name.
     fn object(&mut self, mut member: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
-        self.expect(b'{')?;
-        self.ws();
-        if self.peek()? == b'}' {
-            self.i += 1;
-            return Some(());
-        }
-        loop {
+        let mut more = self.open(b'{', b'}')?;
+        while more {
             let key = self.raw_string()?;
             self.expect(b':')?;
             self.ws();
             member(self, key)?;
-            self.ws();
-            match self.peek()? {
-                b',' => {
-                    self.i += 1;
-                    self.ws();
-                }
-                b'}' => {
-                    self.i += 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
+            more = self.more_after(b'}')?;
         }
+        Some(())
     }
 
     /// A list: `[`, `element` for each element, `]`.
     fn list(&mut self, mut element: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
-        self.expect(b'[')?;
-        self.ws();
-        if self.peek()? == b']' {
-            self.i += 1;
-            return Some(());
-        }
-        loop {
+        let mut more = self.open(b'[', b']')?;
+        while more {
             element(self)?;
-            self.ws();
-            match self.peek()? {
-                b',' => {
-                    self.i += 1;
-                    self.ws();
-                }
-                b']' => {
-                    self.i += 1;
-                    return Some(());
-                }
-                _ => return None,
+            more = self.more_after(b']')?;
+        }
+        Some(())
+    }
+
+    /// The opening bracket `open`: whether anything comes before `close`.
+    fn open(&mut self, open: u8, close: u8) -> Option<bool> {
+        self.expect(open)?;
+        self.ws();
+        if self.peek()? == close {
+            self.i += 1;
+            return Some(false);
+        }
+        Some(true)
+    }
+
+    /// After a member or an element: `,` (another follows: `true`) or `close` (`false`).
+    fn more_after(&mut self, close: u8) -> Option<bool> {
+        self.ws();
+        match self.peek()? {
+            b',' => {
+                self.i += 1;
+                self.ws();
+                Some(true)
             }
+            c if c == close => {
+                self.i += 1;
+                Some(false)
+            }
+            _ => None,
         }
     }
 
