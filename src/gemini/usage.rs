@@ -3,7 +3,9 @@
 //! Responses are metered as they stream through, so the body is never buffered: the
 //! [`UsageScanner`] is fed each chunk as it passes and keeps only a few hundred bytes of state
 //! (plus at most two `usageMetadata` objects, each capped at 16 KiB: the last one, whose
-//! parsing is deferred, and the one being read). One byte-level state machine serves
+//! parsing is deferred, and the one being read). A `usageMetadata` object that lies whole
+//! in one chunk, in the usual shape, is read where it stands instead of being copied and
+//! scanned (`UsageScanner::merge_read`). One byte-level state machine serves
 //! the three framings Gemini uses: one JSON object (`generateContent`), SSE
 //! (`data: {…}\r\n\r\n`, possibly ended by a raw `{"error":…}`), and a pretty-printed JSON
 //! array streamed one element at a time.
@@ -100,6 +102,26 @@ struct RawUsage {
     total: Option<u64>,
     /// Sum of the `AUDIO` entries of `promptTokensDetails`.
     audio_prompt: Option<u64>,
+}
+
+impl RawUsage {
+    /// The `FIELD_*` bits of the fields this object sets.
+    fn fields(&self) -> u8 {
+        [
+            (self.prompt, FIELD_PROMPT),
+            (self.candidates, FIELD_CANDIDATES),
+            (self.thoughts, FIELD_THOUGHTS),
+            (self.tool_use_prompt, FIELD_TOOL_USE_PROMPT),
+            (self.cached, FIELD_CACHED),
+            (self.total, FIELD_TOTAL),
+            (self.audio_prompt, FIELD_PROMPT_DETAILS),
+        ]
+        .iter()
+        .fold(
+            0,
+            |bits, (v, bit)| if v.is_some() { bits | bit } else { bits },
+        )
+    }
 }
 
 /// The `usageMetadata` fields we read.
@@ -625,6 +647,13 @@ impl UsageScanner {
                         continue;
                     }
                     After::Value(Key::UsageMetadata) if b == b'{' => {
+                        // Usually the whole object is in this chunk, in the usual shape:
+                        // read it where it stands, without copying it or scanning it.
+                        if let Some((raw, len)) = reader::read_object(&chunk[i..]) {
+                            self.merge_read(&raw);
+                            i += len;
+                            continue;
+                        }
                         self.start_capture(Capture::Object(self.depth));
                         cap_from = i;
                     }
@@ -679,6 +708,12 @@ impl UsageScanner {
                                     if self.depth == d + 1 {
                                         self.match_usage_field(&chunk[start..end - 1], true);
                                     }
+                                }
+                                Capture::Str if self.cap_buf.is_empty() && !self.cap_overflow => {
+                                    // The whole string is in this chunk: kept from where it
+                                    // stands, without a copy.
+                                    self.capture = Capture::None;
+                                    self.set_model_version(&chunk[cap_from..end]);
                                 }
                                 Capture::Str => {
                                     self.cap_append(&chunk[cap_from..end]);
@@ -821,7 +856,8 @@ impl UsageScanner {
         self.cap_buf.extend_from_slice(s);
     }
 
-    /// A `usageMetadata` object closed: parse and merge it.
+    /// A copied `usageMetadata` object closed (one that [`reader::read_object`] could not
+    /// read in place: cut by the chunk's end, or of an unusual shape): parse and merge it.
     ///
     /// Parsing is deferred: the object becomes `pending`, and the previous pending object is
     /// parsed and merged only if the new one might not override all its fields. A stream
@@ -835,22 +871,40 @@ impl UsageScanner {
             self.cap_buf.clear();
             return;
         }
-        if self.has_pending {
-            // Every field the pending object may set, the new one surely sets.
-            let overridden = !self.pending_opaque
-                && !self.cap_opaque
-                && self.cap_fields & self.pending_maybe == self.pending_maybe;
-            if !overridden {
-                if let Some(raw) = parse_usage(&self.pending) {
-                    self.has_usage |= self.usage.apply(&raw);
-                }
-            }
+        if self.has_pending && (self.cap_opaque || !self.overrides_pending(self.cap_fields)) {
+            self.merge_pending();
         }
         std::mem::swap(&mut self.pending, &mut self.cap_buf);
         self.cap_buf.clear();
         self.has_pending = true;
         self.pending_maybe = self.cap_maybe;
         self.pending_opaque = self.cap_opaque;
+    }
+
+    /// A `usageMetadata` object read whole where it stood ([`reader::read_object`]): merged
+    /// at once, after the pending object unless this one overrides it.
+    fn merge_read(&mut self, raw: &RawUsage) {
+        if self.has_pending {
+            if !self.overrides_pending(raw.fields()) {
+                self.merge_pending();
+            }
+            self.has_pending = false;
+            self.pending.clear();
+        }
+        self.has_usage |= self.usage.apply(raw);
+    }
+
+    /// Whether an object that surely sets the `FIELD_*` bits `sets` overrides everything the
+    /// pending object may set (so that the pending one need not be parsed).
+    fn overrides_pending(&self, sets: u8) -> bool {
+        !self.pending_opaque && sets & self.pending_maybe == self.pending_maybe
+    }
+
+    /// Parse the pending object and merge it.
+    fn merge_pending(&mut self) {
+        if let Some(raw) = parse_usage(&self.pending) {
+            self.has_usage |= self.usage.apply(&raw);
+        }
     }
 
     /// A key closed at the top level of a captured `usageMetadata` object: note which field
@@ -880,29 +934,37 @@ impl UsageScanner {
         self.after = After::FieldEnd(bit);
     }
 
-    /// A `modelVersion` string closed: keep it (the copy includes both quotes).
+    /// A `modelVersion` string that began in an earlier chunk closed: keep it (the copy
+    /// includes both quotes).
     fn finish_model_version(&mut self) {
         self.capture = Capture::None;
-        if self.cap_overflow || self.cap_buf.len() < 2 {
-            self.cap_buf.clear();
+        let quoted = std::mem::take(&mut self.cap_buf);
+        if !self.cap_overflow {
+            self.set_model_version(&quoted);
+        }
+        self.cap_buf = quoted;
+        self.cap_buf.clear();
+    }
+
+    /// Keep a `modelVersion` string (`quoted`: with both quotes), unless it is longer than
+    /// `MODEL_CAP`.
+    fn set_model_version(&mut self, quoted: &[u8]) {
+        if quoted.len() < 2 || quoted.len() > MODEL_CAP + 2 {
             return;
         }
-        let inner = &self.cap_buf[1..self.cap_buf.len() - 1];
+        let inner = &quoted[1..quoted.len() - 1];
         let escaped = inner.contains(&b'\\');
         if !escaped && self.model_version.as_deref().map(str::as_bytes) == Some(inner) {
             // The same as before (every stream event repeats it).
         } else if !escaped {
             if let Ok(s) = std::str::from_utf8(inner) {
-                if self.model_version.as_deref() != Some(s) {
-                    let mv = self.model_version.get_or_insert_with(String::new);
-                    mv.clear();
-                    mv.push_str(s);
-                }
+                let mv = self.model_version.get_or_insert_with(String::new);
+                mv.clear();
+                mv.push_str(s);
             }
-        } else if let Ok(s) = serde_json::from_slice::<String>(&self.cap_buf) {
+        } else if let Ok(s) = serde_json::from_slice::<String>(quoted) {
             self.model_version = Some(s);
         }
-        self.cap_buf.clear();
     }
 }
 

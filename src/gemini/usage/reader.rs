@@ -19,23 +19,19 @@ const MAX_DEPTH: u32 = 16;
 pub(super) fn read(bytes: &[u8]) -> Option<RawUsage> {
     let mut r = Reader { b: bytes, i: 0 };
     r.ws();
-    let mut raw = RawUsage::default();
-    r.object(|r, key| {
-        match key {
-            b"promptTokenCount" => raw.prompt = r.count()?,
-            b"candidatesTokenCount" => raw.candidates = r.count()?,
-            b"thoughtsTokenCount" => raw.thoughts = r.count()?,
-            b"toolUsePromptTokenCount" => raw.tool_use_prompt = r.count()?,
-            b"cachedContentTokenCount" => raw.cached = r.count()?,
-            b"totalTokenCount" => raw.total = r.count()?,
-            b"promptTokensDetails" => raw.audio_prompt = r.audio_tokens()?,
-            _ if Reader::plain(key) => r.skip_value(0)?,
-            _ => return None,
-        }
-        Some(())
-    })?;
+    let raw = r.usage()?;
     r.ws();
     (r.i == bytes.len()).then_some(raw)
+}
+
+/// Read the object that `bytes` starts with (at its `{`), whatever follows it, when it has the
+/// usual shape: its usage and its length up to and including its closing brace. `None` when
+/// it is not read here, which includes an object that `bytes` cuts short: the scanner then
+/// copies it as usual.
+pub(super) fn read_object(bytes: &[u8]) -> Option<(RawUsage, usize)> {
+    let mut r = Reader { b: bytes, i: 0 };
+    let raw = r.usage()?;
+    Some((raw, r.i))
 }
 
 struct Reader<'a> {
@@ -50,6 +46,26 @@ const SPACES: u64 = ONES * b' ' as u64;
 const QUOTES: u64 = ONES * b'"' as u64;
 
 impl<'a> Reader<'a> {
+    /// A `usageMetadata` object (`RawUsage`).
+    fn usage(&mut self) -> Option<RawUsage> {
+        let mut raw = RawUsage::default();
+        self.object(|r, key| {
+            match key {
+                b"promptTokenCount" => raw.prompt = r.count()?,
+                b"candidatesTokenCount" => raw.candidates = r.count()?,
+                b"thoughtsTokenCount" => raw.thoughts = r.count()?,
+                b"toolUsePromptTokenCount" => raw.tool_use_prompt = r.count()?,
+                b"cachedContentTokenCount" => raw.cached = r.count()?,
+                b"totalTokenCount" => raw.total = r.count()?,
+                b"promptTokensDetails" => raw.audio_prompt = r.audio_tokens()?,
+                _ if Reader::plain(key) => r.skip_value(0)?,
+                _ => return None,
+            }
+            Some(())
+        })?;
+        Some(raw)
+    }
+
     fn peek(&self) -> Option<u8> {
         self.b.get(self.i).copied()
     }
@@ -439,6 +455,22 @@ mod tests {
             let got = fast(body.as_bytes());
             if got.is_some() {
                 prop_assert_eq!(got, serde(body.as_bytes()), "{}", body);
+            }
+        }
+
+        #[test]
+        fn an_object_is_read_in_place_whatever_follows_it_and_never_when_cut(
+            body in usage_object(),
+            tail in prop::sample::select(vec!["", ",\"modelVersion\": \"m\"}", "}\r\n\r\ndata: {", "\"x"]),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let whole = read(body.as_bytes()).map(|r| fields(&r));
+            let in_place = read_object(format!("{body}{tail}").as_bytes());
+            prop_assert_eq!(in_place.as_ref().map(|(r, _)| fields(r)), whole, "{}", body);
+            if let Some((_, len)) = in_place {
+                prop_assert_eq!(len, body.len());
+                let short = &body.as_bytes()[..cut.index(len)];
+                prop_assert!(read_object(short).is_none(), "read when cut: {:?}", short);
             }
         }
 
