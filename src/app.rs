@@ -332,32 +332,65 @@ fn gated(
 
 /// Run until SIGTERM or SIGINT, then shut down gracefully.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
+    // The signals are taken over before the listeners open. Once the proxy has said where it
+    // listens, a SIGTERM must drain and flush, and a SIGHUP must reload: their default
+    // actions end the process (and lose the usage not yet flushed). Taken over after
+    // `start`, a SIGTERM sent right after the first answer could still meet the default.
+    let signals = Signals::take_over()?;
     let running = start(opts).await?;
-    crate::config::live::reload_on_sighup(running.live.clone())?;
-    wait_for_signal().await;
+    signals.wait(running.live.clone()).await;
     tracing::info!(target: "server", "shutting down: draining in-flight requests");
     running.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// SIGTERM, SIGINT and SIGHUP, handled by the binary (a signal handler is process-wide).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn take_over() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let handle = |kind: SignalKind, name: &str| {
+                signal(kind).with_context(|| format!("cannot handle {name}"))
+            };
+            Ok(Self {
+                term: handle(SignalKind::terminate(), "SIGTERM")?,
+                int: handle(SignalKind::interrupt(), "SIGINT")?,
+                hup: handle(SignalKind::hangup(), "SIGHUP")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Reload `live` on each SIGHUP until SIGTERM or SIGINT arrives.
+    async fn wait(self, live: Arc<LiveConfig>) {
+        #[cfg(unix)]
+        {
+            let Self {
+                mut term,
+                mut int,
+                hup,
+            } = self;
+            crate::config::live::reload_on_sighup(live, hup);
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        #[cfg(not(unix))]
+        {
+            let _ = live;
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

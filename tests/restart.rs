@@ -102,12 +102,8 @@ fn counters(s: &serde_json::Value) -> Vec<serde_json::Value> {
 }
 
 async fn sigterm(mut p: Proxy) {
-    let pid = p.child.id().unwrap();
-    let st = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let pid = rustix::process::Pid::from_raw(p.child.id().unwrap().try_into().unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     let exit = tokio::time::timeout(Duration::from_secs(20), p.child.wait())
         .await
         .unwrap()
@@ -185,6 +181,18 @@ async fn counters_survive_sigterm_including_a_stream_in_flight() {
     let p = spawn(dir.path(), &mock.url).await;
     assert_eq!(counters(&status(&p).await), counters(&after));
     sigterm(p).await;
+}
+
+/// SIGTERM as soon as the proxy has said where it listens: handled (a graceful exit), not
+/// the default action that ends the process before it flushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_right_after_the_listening_line_is_handled() {
+    let mock = MockGemini::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("budgets.json"), CONFIG).unwrap();
+    for _ in 0..10 {
+        sigterm(spawn(dir.path(), &mock.url).await).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

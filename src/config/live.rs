@@ -335,21 +335,15 @@ pub fn watch(
     Ok(watcher)
 }
 
-/// Reload on SIGHUP (installed by the binary only: a signal handler is process-wide).
-pub fn reload_on_sighup(live: Arc<LiveConfig>) -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = signal(SignalKind::hangup())?;
-        tokio::spawn(async move {
-            while hup.recv().await.is_some() {
-                tracing::info!(target: "config", "SIGHUP: reloading budgets");
-                let l = live.clone();
-                let _ = tokio::task::spawn_blocking(move || l.reload()).await;
-            }
-        });
-    }
-    #[cfg(not(unix))]
-    let _ = live;
-    Ok(())
+/// Reload on each SIGHUP that `hup` receives (the binary takes the signal over, see
+/// `app::run`: a signal handler is process-wide).
+#[cfg(unix)]
+pub fn reload_on_sighup(live: Arc<LiveConfig>, mut hup: tokio::signal::unix::Signal) {
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!(target: "config", "SIGHUP: reloading budgets");
+            let l = live.clone();
+            let _ = tokio::task::spawn_blocking(move || l.reload()).await;
+        }
+    });
 }
