@@ -14,14 +14,14 @@
 //! request asked for); such a connection is dropped, at no syscall.
 
 use super::body::RequestBody;
-use super::upstream::Pool;
+use super::upstream::{Outgoing, Pool};
 use crate::wire::{
     chunk_size, content_length_in, has_token_in, header_slots, write_all_to, Decoder, RawHead,
     Spans, Step,
 };
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
@@ -114,15 +114,16 @@ impl H1Conn {
         }
     }
 
-    /// Send `req` (origin form, `Host` set) and read the response head. A body known in
-    /// full stays in `req` (so that it can be sent again after an unsent failure); a
-    /// streamed one is taken.
+    /// Send `req` with `host` as its `Host` header (the client's is left out; kept when
+    /// `host` is `None`) and read the response head. A body known in full stays in `req`
+    /// (so that it can be sent again after an unsent failure); a streamed one is taken.
     pub async fn send(
         mut self,
-        req: &mut Request<RequestBody>,
+        req: &mut Outgoing,
+        host: Option<&HeaderValue>,
         pool: &Arc<Pool>,
     ) -> Result<Response<H1Body>, SendError> {
-        let out = match req.body_mut() {
+        let out = match &mut req.body {
             RequestBody::Full(b) => Out::Full(b.clone()),
             streamed => {
                 let body = std::mem::replace(streamed, RequestBody::Full(None));
@@ -130,8 +131,8 @@ impl H1Conn {
                 Out::Stream(body, len)
             }
         };
-        let mut head = Vec::with_capacity(128 + 48 * req.headers().len());
-        encode_head(req, &out, &mut head);
+        let mut head = Vec::with_capacity(128 + 48 * req.headers.len());
+        encode_head(req, host, &out, &mut head);
         let written = match out {
             Out::Full(body) => {
                 let body = body.unwrap_or_default();
@@ -149,7 +150,7 @@ impl H1Conn {
                     });
                 }
                 return self
-                    .finish_send(body, len.is_none(), req.method(), pool)
+                    .finish_send(body, len.is_none(), &req.method, pool)
                     .await;
             }
         };
@@ -159,7 +160,7 @@ impl H1Conn {
                 unsent: true,
             });
         }
-        self.read_response(req.method(), pool).await
+        self.read_response(&req.method, pool).await
     }
 
     async fn finish_send(
@@ -289,15 +290,19 @@ impl H1Conn {
 }
 
 /// The request head: the request line, the end-to-end headers, and the framing of `out`.
-fn encode_head(req: &Request<RequestBody>, out: &Out, head: &mut Vec<u8>) {
-    head.extend_from_slice(req.method().as_str().as_bytes());
+fn encode_head(req: &Outgoing, host: Option<&HeaderValue>, out: &Out, head: &mut Vec<u8>) {
+    head.extend_from_slice(req.method.as_str().as_bytes());
     head.push(b' ');
-    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(req.target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in req.headers() {
-        // The framing is this connection's to say.
-        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+    if let Some(host) = host {
+        head.extend_from_slice(b"host: ");
+        head.extend_from_slice(host.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in &req.headers {
+        // The framing is this connection's to say, and so is `Host` when it has one.
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || (name == HOST && host.is_some()) {
             continue;
         }
         head.extend_from_slice(name.as_str().as_bytes());
@@ -313,7 +318,7 @@ fn encode_head(req: &Request<RequestBody>, out: &Out, head: &mut Vec<u8>) {
         // No body on a method that has none: no header (as hyper did).
         Some(0)
             if matches!(
-                *req.method(),
+                req.method,
                 Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
             ) => {}
         Some(n) => {

@@ -24,7 +24,7 @@ use http::{HeaderMap, Request, Response};
 use metered::{Meter, MeteredBody};
 use std::sync::Arc;
 use std::time::Duration;
-use upstream::{Upstream, UpstreamClient};
+use upstream::{Outgoing, Upstream, UpstreamClient};
 
 /// Tunables of the proxy port.
 #[derive(Debug, Clone)]
@@ -604,10 +604,7 @@ pub(crate) async fn dispatch(
         }
         (_, q) => q,
     };
-    let uri = shared
-        .upstream
-        .uri(&upstream_path, query)
-        .map_err(|e| ProxyError::BadRequestBody(format!("cannot build the upstream URL: {e}")))?;
+    let target = shared.upstream.target(&upstream_path, query);
     // (`Host` is the client's business: set per protocol, see `upstream`.)
     strip_hop_by_hop(&mut parts.headers);
     if ident.substitute_key == Some(KeyPlace::Header) {
@@ -627,8 +624,12 @@ pub(crate) async fn dispatch(
         }
         None => peeked.into_forward(),
     };
-    parts.uri = uri;
-    let upstream_req = Request::from_parts(parts, body);
+    let upstream_req = Outgoing {
+        method: parts.method,
+        target,
+        headers: parts.headers,
+        body,
+    };
 
     let sent_at = std::time::Instant::now();
     let sent = tokio::time::timeout(

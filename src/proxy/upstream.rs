@@ -89,9 +89,10 @@ impl Upstream {
         })
     }
 
-    /// The upstream URI for a forwarded path and query, in origin form (`/path?query`): what
-    /// HTTP/1.1 sends; the pool adds the scheme and authority on HTTP/2.
-    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<http::Uri, http::Error> {
+    /// The upstream target for a forwarded path and query, in origin form (`/path?query`):
+    /// what HTTP/1.1 sends; the pool adds the scheme and authority on HTTP/2. The pieces
+    /// must be valid in a URI (see [`Outgoing::target`]).
+    pub fn target(&self, path: &str, query: Option<&str>) -> String {
         let mut pq = String::with_capacity(
             self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
         );
@@ -101,7 +102,42 @@ impl Upstream {
             pq.push('?');
             pq.push_str(q);
         }
-        Ok(http::Uri::from(PathAndQuery::try_from(pq)?))
+        pq
+    }
+}
+
+/// A request for the upstream.
+///
+/// Not an `http::Request`, whose `Uri` checks every byte of the target again when it is
+/// built (~1,200 instructions a request): the target's pieces were each checked where they
+/// came from, and HTTP/1.1 writes it as it is. An `http::Request` is made of it for HTTP/2
+/// (hyper's client wants one).
+#[derive(Debug)]
+pub struct Outgoing {
+    pub method: http::Method,
+    /// Origin form (`/path?query`), put together by [`Upstream::target`] from pieces that are
+    /// valid in a URI: the client's path and query (checked by the server), the base path
+    /// (checked at startup), a fallback model id (checked by `rewrite_model_in_path`) and a
+    /// query with the key substituted (form-urlencoded).
+    pub target: String,
+    pub headers: http::HeaderMap,
+    pub body: RequestBody,
+}
+
+impl Outgoing {
+    /// Back from a request that HTTP/2 did not send.
+    fn from_request(req: http::Request<RequestBody>) -> Self {
+        let (parts, body) = req.into_parts();
+        Self {
+            method: parts.method,
+            target: parts
+                .uri
+                .path_and_query()
+                .map_or("/", PathAndQuery::as_str)
+                .to_owned(),
+            headers: parts.headers,
+            body,
+        }
     }
 }
 
@@ -135,13 +171,13 @@ pub fn use_thread_pools() {
 
 impl UpstreamClient {
     /// Send a request (on a connection of this I/O thread's pool, or of the shared one).
-    /// The URI is in origin form ([`Upstream::uri`]) or absolute: the pool puts it in the
-    /// form the connection's protocol wants (a retry may move a request from one protocol
-    /// to the other) and sets `Host` (HTTP/1.1) or leaves it to `:authority` (HTTP/2). An
-    /// HTTP/1.1 connection goes back to the pool when the response body's end is read.
+    /// The pool puts it in the form the connection's protocol wants (a retry may move a
+    /// request from one protocol to the other): HTTP/1.1 with a `Host` header, HTTP/2 with
+    /// an absolute URI (`:authority`). An HTTP/1.1 connection goes back to the pool when the
+    /// response body's end is read.
     pub async fn request(
         &self,
-        req: http::Request<RequestBody>,
+        req: Outgoing,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         self.pool().send(req).await
     }
@@ -174,6 +210,10 @@ pub enum UpstreamError {
     /// The request failed on the connection (closed, reset, malformed response).
     #[error("request failed")]
     Send(#[source] BoxError),
+    /// The upstream URL could not be made for HTTP/2 (a target that is not valid in a URI:
+    /// see [`Outgoing::target`]).
+    #[error("cannot build the upstream URL")]
+    Target(#[source] http::Error),
 }
 
 /// A response body from the upstream: over our HTTP/1.1 connection (`Either::Left`), or
@@ -258,7 +298,7 @@ impl Pool {
 
     async fn send(
         self: Arc<Self>,
-        mut req: http::Request<RequestBody>,
+        mut req: Outgoing,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         // After a pooled connection refused the request, the retry goes on a fresh one: at
         // most two attempts, whatever state the pool is in.
@@ -272,8 +312,7 @@ impl Pool {
             };
             match conn {
                 Conn::H2(mut conn) => {
-                    self.http2_form(&mut req);
-                    match conn.try_send_request(req).await {
+                    match conn.try_send_request(self.http2_request(req)?).await {
                         Ok(resp) => return Ok(resp.map(Either::Right)),
                         Err(mut e) => match e.take_message() {
                             // A pooled connection that closed before the request went out
@@ -282,15 +321,15 @@ impl Pool {
                             Some(unsent) if reused => {
                                 lock(&self.state).h2 = None;
                                 fresh_only = true;
-                                req = unsent;
+                                req = Outgoing::from_request(unsent);
                             }
                             _ => return Err(UpstreamError::Send(e.into_error().into())),
                         },
                     }
                 }
                 Conn::H1(conn) => {
-                    self.http1_form(&mut req);
-                    match conn.send(&mut req, &self).await {
+                    let host = self.upstream.host_header.as_ref();
+                    match conn.send(&mut req, host, &self).await {
                         Ok(resp) => return Ok(resp.map(Either::Left)),
                         // A pooled connection the upstream had closed, met on the write:
                         // the request did not go out (a body known in full stayed in
@@ -414,36 +453,21 @@ impl Pool {
         }
     }
 
-    /// HTTP/1.1 wants the origin form (`/path?query`, as [`Upstream::uri`] makes it; absolute
-    /// after an HTTP/2 attempt) and a `Host` header.
-    fn http1_form(&self, req: &mut http::Request<RequestBody>) {
-        if req.uri().scheme().is_some() {
-            let pq = req
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            *req.uri_mut() = http::Uri::from(pq);
-        }
-        if let Some(host) = &self.upstream.host_header {
-            req.headers_mut().insert(http::header::HOST, host.clone());
-        }
-        *req.version_mut() = http::Version::HTTP_11;
-    }
-
     /// HTTP/2 wants the absolute form (for `:scheme` and `:authority`) and no `Host`.
-    fn http2_form(&self, req: &mut http::Request<RequestBody>) {
-        if req.uri().scheme().is_none() {
-            let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(self.upstream.scheme.clone());
-            parts.authority = Some(self.upstream.authority.clone());
-            parts.path_and_query = req.uri().path_and_query().cloned();
-            if let Ok(uri) = http::Uri::from_parts(parts) {
-                *req.uri_mut() = uri;
-            }
-        }
+    fn http2_request(&self, out: Outgoing) -> Result<http::Request<RequestBody>, UpstreamError> {
+        let uri = http::Uri::builder()
+            .scheme(self.upstream.scheme.clone())
+            .authority(self.upstream.authority.clone())
+            .path_and_query(out.target)
+            .build()
+            .map_err(UpstreamError::Target)?;
+        let mut req = http::Request::new(out.body);
+        *req.method_mut() = out.method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = out.headers;
         req.headers_mut().remove(http::header::HOST);
         *req.version_mut() = http::Version::HTTP_2;
+        Ok(req)
     }
 }
 /// Timeouts of the upstream client.
