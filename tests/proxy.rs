@@ -629,7 +629,11 @@ async fn hop_by_hop_headers_are_not_forwarded() {
     assert!(got.header("proxy-authorization").is_none());
     assert_eq!(got.header("x-keep"), Some("1"));
     assert_eq!(got.header("host"), Some(&*h.mock.addr.to_string()));
-    assert_eq!(got.headers.get_all("host").iter().count(), 1, "the client's Host too");
+    assert_eq!(
+        got.headers.get_all("host").iter().count(),
+        1,
+        "the client's Host too"
+    );
 }
 
 /// The upstream's head goes back as it came (HTTP/1.1 clients) or through a map (HTTP/2

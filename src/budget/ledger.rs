@@ -478,7 +478,7 @@ impl Charge {
     /// A charge from a response's usage.
     pub fn from_usage(model: &str, usage: &Usage, cost_pico: u128) -> Self {
         Self {
-            model: model.to_string(),
+            model: model.to_owned(),
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.candidates_tokens + usage.thoughts_tokens,
             cached_tokens: usage.cached_tokens,
