@@ -321,7 +321,7 @@ fn gated(
     match sync.gate(&req) {
         Gate::Pass => proxy::handle(shared, req),
         Gate::Reply(resp) => Box::pin(std::future::ready(resp)),
-        Gate::Wait(rx, limit) => Box::pin(async move {
+        Gate::Wait(rx, limit) => crate::boxed!(async move {
             match sync.wait(rx, limit).await {
                 Some(resp) => resp,
                 None => proxy::handle(shared, req).await,

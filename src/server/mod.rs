@@ -148,6 +148,22 @@ pub type ClientBody = Either<Incoming, http1::RecvBody>;
 /// the service future's size in every connection, idle or not.
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// `Box::pin(f)`, with `f` written into a box allocated first. `Box::pin` built the future
+/// on the stack and copied it whole into the box, twice here (the proxy's handler future is
+/// 3 KiB); written this way, only what the future holds before its first poll is copied.
+/// A macro: the same code as a function marked `#[inline(always)]` measured ~600
+/// instructions a request more.
+#[macro_export]
+macro_rules! boxed {
+    ($f:expr) => {{
+        // (Typed here, so that a `dyn` the caller expects is coerced to, not inferred.)
+        let b: ::std::pin::Pin<::std::boxed::Box<_>> = ::std::boxed::Box::into_pin(
+            ::std::boxed::Box::write(::std::boxed::Box::new_uninit(), $f),
+        );
+        b
+    }};
+}
+
 /// Serve `handler` on `listener` (over TLS when `tls` is set) until `shutdown` turns true,
 /// then drain for at most `drain_deadline`. Returns the number of connections still open
 /// at the deadline.
