@@ -53,7 +53,8 @@ pub struct Identity {
 /// The `/agents/{id}` prefix of a path: `(id, prefix length)`.
 pub fn path_prefix(path: &str) -> Option<(&str, usize)> {
     let rest = path.strip_prefix("/agents/")?;
-    let id_len = rest.find('/').unwrap_or(rest.len());
+    // (`str::find` builds a searcher: 150 instructions a request.)
+    let id_len = memchr::memchr(b'/', rest.as_bytes()).unwrap_or(rest.len());
     Some((&rest[..id_len], "/agents/".len() + id_len))
 }
 

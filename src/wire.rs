@@ -239,6 +239,19 @@ impl Spans {
         Ok((map, seen))
     }
 
+    /// The values of the headers of `head` named `name` (any case), in order, without a map
+    /// (no hashing: a head has a few headers).
+    pub fn values<'a>(
+        &'a self,
+        head: &'a [u8],
+        name: &'a str,
+    ) -> impl DoubleEndedIterator<Item = &'a [u8]> {
+        self.0
+            .iter()
+            .filter(move |&&[n0, n1, ..]| head[n0..n1].eq_ignore_ascii_case(name.as_bytes()))
+            .map(move |&[.., v0, v1]| &head[v0..v1])
+    }
+
     /// Which of the framing headers the head has (see [`Seen`]), without a map.
     pub fn seen(&self, head: &[u8]) -> Seen {
         let mut seen = Seen::default();
@@ -366,9 +379,7 @@ impl RawHead {
 
     /// The values of the headers named `name` (any case), in order.
     pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
-        self.headers()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
+        self.spans.values(&self.head, name)
     }
 
     /// Whether a header named `name` is there.

@@ -231,10 +231,12 @@ fn degrade_reads_body(model_method: &str) -> bool {
 /// Where a request comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Origin {
-    /// A client on the proxy port (`prefer_async`: it sent `Prefer: respond-async`).
+    /// A client on the proxy port.
     Client {
-        /// Defer instead of parking when the queue action applies.
-        prefer_async: bool,
+        /// Defer instead of parking when the queue action applies and the client sent
+        /// `Prefer: respond-async` (read only then); not for a request released from the
+        /// queue.
+        may_defer: bool,
     },
     /// A deferred job being run: never parks; "not yet" when over budget.
     Job,
@@ -287,15 +289,6 @@ async fn forward(
             Ok(peeked) => peeked,
             Err(e) => break 'result Err(e),
         };
-        let prefer_async = parts
-            .headers
-            .get_all(&PREFER)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
-            });
         dispatch(
             &shared,
             &config,
@@ -304,13 +297,25 @@ async fn forward(
             full_path,
             query,
             peeked,
-            Origin::Client { prefer_async },
+            Origin::Client { may_defer: true },
             None,
             &mut trace,
         )
         .await
     };
     (result, trace, shared)
+}
+
+/// Whether the client sent `Prefer: respond-async` (RFC 7240).
+fn prefers_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(&PREFER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+        })
 }
 
 /// What [`dispatch`] did with a request.
@@ -406,9 +411,7 @@ async fn dispatch_released(
         uri.path(),
         uri.query(),
         peeked,
-        Origin::Client {
-            prefer_async: false,
-        },
+        Origin::Client { may_defer: false },
         Some((admission, queued_ms)),
         trace,
     )
@@ -491,7 +494,7 @@ pub(crate) async fn dispatch(
             trace.budget_headers = Some(headers.clone());
             match origin {
                 Origin::Job => return Err(ProxyError::NotYet),
-                Origin::Client { prefer_async: true } => {
+                Origin::Client { may_defer: true } if prefers_async(&parts.headers) => {
                     headers.action = "queued";
                     trace.budget_headers = Some(headers);
                     let prefix = &full_path[..ident.prefix_len];
@@ -508,9 +511,7 @@ pub(crate) async fn dispatch(
                     .await
                     .map(Dispatched::Response);
                 }
-                Origin::Client {
-                    prefer_async: false,
-                } => {}
+                Origin::Client { .. } => {}
             }
             // A parked request may wait minutes: stop sharing the connection's read buffer.
             detach(&mut parts);

@@ -136,7 +136,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
                 "a header value has invalid characters"
             })
         })?;
-    let framing = framing(&map, seen, version)?;
+    let framing = framing(&spans, &head, seen, version)?;
     let keep_alive =
         version == Version::HTTP_11 && !(seen.connection && has_token(&map, &CONNECTION, "close"));
     let expect_continue = version == Version::HTTP_11
@@ -158,7 +158,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
 }
 
 /// The request body's framing (RFC 9112 §6.3), refusing what could smuggle a request.
-fn framing(map: &HeaderMap, seen: Seen, version: Version) -> Result<Framing, HeadError> {
+/// Read from the head's spans: a map lookup hashes the name.
+fn framing(spans: &Spans, head: &[u8], seen: Seen, version: Version) -> Result<Framing, HeadError> {
     if !seen.content_length && !seen.transfer_encoding {
         return Ok(Framing::Length(0));
     }
@@ -173,11 +174,12 @@ fn framing(map: &HeaderMap, seen: Seen, version: Version) -> Result<Framing, Hea
                 "the request has both Content-Length and Transfer-Encoding; send one",
             ));
         }
-        let last = map
-            .get_all(TRANSFER_ENCODING)
-            .iter()
+        let last = spans
+            .values(head, "transfer-encoding")
             .next_back()
-            .and_then(|v| v.to_str().ok())
+            // (As `HeaderValue::to_str`: visible ASCII, spaces and tabs only.)
+            .filter(|v| v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
+            .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.rsplit(',').next())
             .map(str::trim);
         return match last {
@@ -188,8 +190,8 @@ fn framing(map: &HeaderMap, seen: Seen, version: Version) -> Result<Framing, Hea
         };
     }
     let mut length = None;
-    for v in map.get_all(CONTENT_LENGTH) {
-        let n = std::str::from_utf8(v.as_bytes())
+    for v in spans.values(head, "content-length") {
+        let n = std::str::from_utf8(v)
             .ok()
             .map(str::trim)
             .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
