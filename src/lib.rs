@@ -31,3 +31,6 @@ pub mod store;
 pub mod tls;
 pub mod webhook;
 pub mod wire;
+
+#[cfg(test)]
+mod testing;

@@ -212,15 +212,9 @@ mod tests {
     /// The comparison above bites only if many generated paths are calls.
     #[test]
     fn many_generated_paths_are_calls() {
-        use proptest::strategy::ValueTree;
-        let mut runner = proptest::test_runner::TestRunner::deterministic();
-        let strategy = call_like_path();
-        let calls = (0..400)
-            .filter(|_| {
-                let path = strategy.new_tree(&mut runner).map(|t| t.current());
-                path.is_ok_and(|p| split_then_check(&p).is_some())
-            })
-            .count();
+        let calls = crate::testing::how_many_generated(&call_like_path(), 400, |p| {
+            split_then_check(p).is_some()
+        });
         assert!((100..350).contains(&calls), "{calls} of 400 are calls");
     }
 

@@ -437,15 +437,9 @@ mod tests {
     /// The comparisons below only bite on objects read here: most generated ones must be.
     #[test]
     fn most_generated_objects_are_read_here() {
-        use proptest::strategy::ValueTree;
-        let mut runner = proptest::test_runner::TestRunner::deterministic();
-        let strategy = usage_object();
-        let read_here = (0..400)
-            .filter(|_| {
-                let body = strategy.new_tree(&mut runner).map(|t| t.current());
-                body.is_ok_and(|b| fast(b.as_bytes()).is_some())
-            })
-            .count();
+        let read_here = crate::testing::how_many_generated(&usage_object(), 400, |b| {
+            fast(b.as_bytes()).is_some()
+        });
         assert!(read_here > 200, "only {read_here} of 400 read here");
     }
 
