@@ -450,7 +450,7 @@ async fn write_refusal(write: &OwnedWriteHalf, e: &HeadError) -> io::Result<()> 
     headers.insert(CONNECTION, HeaderValue::from_static("close"));
     headers.insert(DATE, date());
     let mut head = Vec::with_capacity(256);
-    encode_head(status, None, false, &headers, &mut head);
+    encode_head(status, None, false, None, &headers, &mut head);
     write_all(write, &mut [IoSlice::new(&head), IoSlice::new(&body)]).await
 }
 
@@ -502,12 +502,16 @@ impl Outgoing<'_> {
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
+        // A length written by `encode_head` (not inserted into the map: an insert into the
+        // empty map of a passed-through head allocated it, and the value too).
+        let mut length = None;
         let out = if no_body {
             Out::None
         } else if let Some(n) = content_length(headers) {
             Out::Length(n)
         } else if let Some(n) = body.size_hint().exact() {
-            headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+            headers.remove(CONTENT_LENGTH);
+            length = Some(n);
             Out::Length(n)
         } else if self.http10 {
             // A Content-Length that is not a number is not passed on.
@@ -527,7 +531,7 @@ impl Outgoing<'_> {
         }
         let mut head =
             Vec::with_capacity(64 + raw.as_ref().map_or(0, |r| r.size()) + 40 * headers.len());
-        encode_head(status, raw.as_deref(), no_body, headers, &mut head);
+        encode_head(status, raw.as_deref(), no_body, length, headers, &mut head);
         // Its bytes share the upstream connection's read buffer: let go of them before the
         // body is read into it (a stream's next reads can then reuse the buffer).
         drop(raw);
@@ -643,11 +647,13 @@ impl Outgoing<'_> {
 }
 
 /// The status line and headers, as HTTP/1.1 writes them: a passed-through head's first
-/// (its `Content-Length` only when the response has no body), then the map's.
+/// (its `Content-Length` only when the response has no body), then `length` as the
+/// `Content-Length`, then the map's.
 fn encode_head(
     status: StatusCode,
     raw: Option<&RawHead>,
     no_body: bool,
+    length: Option<u64>,
     headers: &HeaderMap,
     out: &mut Vec<u8>,
 ) {
@@ -658,6 +664,11 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
     if let Some(raw) = raw {
         raw.write(out, no_body);
+    }
+    if let Some(n) = length {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
