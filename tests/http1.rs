@@ -235,6 +235,37 @@ async fn a_chunked_body_after_100_continue_reaches_the_upstream_whole() {
     assert_eq!(c.response(false).await.status, 200);
 }
 
+/// A body sent after `100 Continue` in one write, larger than what the proxy reads before
+/// forwarding (64 KiB): the proxy's first read of it is usually that whole first part in
+/// one frame, then the rest streams on. The upstream gets it byte for byte.
+#[tokio::test]
+async fn a_large_body_after_100_continue_reaches_the_upstream_whole() {
+    let h = Harness::start(CONFIG).await;
+    let text: String = (0..150_000u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let body = format!(r#"{{"contents": [{{"parts": [{{"text": "{text}"}}]}}]}}"#);
+    let mut c = Raw::connect(&h).await;
+    c.send(format!("POST /agents/sage/v1beta/models/gemini-2.5-flash:generateContent HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n", body.len()).as_bytes())
+        .await;
+    assert_eq!(
+        c.response(false).await.status,
+        100,
+        "the proxy asks for the body"
+    );
+    c.send(body.as_bytes()).await;
+    let resp = c.response(false).await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let received = h.mock.received();
+    assert_eq!(received.len(), 1);
+    assert!(
+        received[0].body == body.as_bytes(),
+        "the upstream got {} bytes of {}",
+        received[0].body.len(),
+        body.len()
+    );
+}
+
 #[tokio::test]
 async fn a_streamed_response_is_chunked_and_counted() {
     let h = Harness::start(CONFIG).await;

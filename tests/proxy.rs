@@ -741,6 +741,54 @@ async fn non_json_body_is_forwarded_as_is() {
     assert_eq!(&h.mock.received()[0].body[..], b"this is not json");
 }
 
+/// A body larger than what the proxy reads before forwarding (64 KiB) goes on whole: the
+/// frames read first, then the rest as it comes, in order; sent in pieces (chunked) and
+/// with a Content-Length.
+#[tokio::test]
+async fn a_body_larger_than_the_peek_goes_on_whole() {
+    let h = Harness::start(CONFIG).await;
+    let text: String = (0..200_000u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({"contents": [{"parts": [{"text": text}]}]}))
+        .unwrap();
+    let url = h.url("/agents/sage/v1beta/models/gemini-2.5-flash:generateContent");
+    let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+        body.chunks(10 * 1024).map(|c| Ok(c.to_vec())).collect();
+    let chunked = h
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            pieces,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chunked.status(), 200);
+    let _ = chunked.bytes().await.unwrap();
+    let with_length = h
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_length.status(), 200);
+    let _ = with_length.bytes().await.unwrap();
+    let received = h.mock.received();
+    assert_eq!(received.len(), 2);
+    for r in &received {
+        assert!(
+            r.body == body,
+            "the upstream got {} bytes of {}",
+            r.body.len(),
+            body.len()
+        );
+    }
+}
+
 #[tokio::test]
 async fn concurrent_requests_cannot_all_slip_under_the_limit() {
     let cfg = r#"{"default": {"max_tokens": 1000, "period": "monthly", "action_on_limit": "block"},

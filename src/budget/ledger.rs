@@ -585,7 +585,8 @@ impl Reservation {
             let rekey = st.align(&self.spec, now);
             let before_tokens = st.committed;
             let delta = UsageDelta {
-                agent: self.agent.id.to_string(),
+                // (`to_string` on an `Arc<str>` goes through `fmt`.)
+                agent: String::from(&*self.agent.id),
                 period_start: st.window.start.timestamp(),
                 period_end: st.window.end.map(|e| e.timestamp()),
                 model: charge.model,

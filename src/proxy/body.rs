@@ -34,6 +34,8 @@ pub struct PeekedBody {
     pub head: Bytes,
     /// Total length when known (Content-Length, or the read length when complete).
     pub len: Option<u64>,
+    /// The frames read, while the rest is to come (`rest`): forwarded before it. Empty for a
+    /// body read whole, which goes on as `head`.
     chunks: VecDeque<Bytes>,
     rest: Option<ClientBody>,
 }
@@ -53,6 +55,9 @@ impl PeekedBody {
                 flag: "--max-body-bytes",
             });
         }
+        // The first frame is kept apart: a body of one frame (the usual one) then costs no
+        // allocation of the list.
+        let mut first: Option<Bytes> = None;
         let mut chunks = VecDeque::new();
         let mut read = 0usize;
         let mut complete = body.is_end_stream();
@@ -69,13 +74,30 @@ impl PeekedBody {
                                 flag: "--max-body-bytes",
                             });
                         }
-                        chunks.push_back(data);
+                        match first.take() {
+                            None if chunks.is_empty() => first = Some(data),
+                            earlier => {
+                                chunks.extend(earlier);
+                                chunks.push_back(data);
+                            }
+                        }
                     }
                     complete = complete || body.is_end_stream();
                 }
             }
         }
-        let head = concat(&chunks);
+        let head = match first {
+            Some(only) => {
+                if !complete {
+                    chunks.push_back(only.clone());
+                }
+                only
+            }
+            None => concat(&chunks),
+        };
+        if complete {
+            chunks.clear();
+        }
         let len = if complete {
             Some(read as u64)
         } else {
@@ -95,7 +117,7 @@ impl PeekedBody {
         Self {
             complete: true,
             len: Some(b.len() as u64),
-            chunks: VecDeque::from([b.clone()]),
+            chunks: VecDeque::new(),
             head: b,
             rest: None,
         }
@@ -119,7 +141,7 @@ impl PeekedBody {
             }
             self.head = buf.freeze();
             self.len = Some(self.head.len() as u64);
-            self.chunks = VecDeque::from([self.head.clone()]);
+            self.chunks = VecDeque::new();
             self.complete = true;
         }
         Ok(self)
@@ -133,12 +155,8 @@ impl PeekedBody {
     pub fn detach(&mut self) -> Bytes {
         let old = std::mem::replace(&mut self.head, Bytes::new());
         self.head = Bytes::copy_from_slice(&old);
-        if self.rest.is_none() {
-            self.chunks = VecDeque::from([self.head.clone()]);
-        } else {
-            for c in self.chunks.iter_mut() {
-                *c = Bytes::copy_from_slice(c);
-            }
+        for c in self.chunks.iter_mut() {
+            *c = Bytes::copy_from_slice(c);
         }
         old
     }
