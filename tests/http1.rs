@@ -241,10 +241,7 @@ async fn a_chunked_body_after_100_continue_reaches_the_upstream_whole() {
 #[tokio::test]
 async fn a_large_body_after_100_continue_reaches_the_upstream_whole() {
     let h = Harness::start(CONFIG).await;
-    let text: String = (0..150_000u32)
-        .map(|i| char::from(b'a' + (i % 26) as u8))
-        .collect();
-    let body = format!(r#"{{"contents": [{{"parts": [{{"text": "{text}"}}]}}]}}"#);
+    let body = common::large_body(150_000);
     let mut c = Raw::connect(&h).await;
     c.send(format!("POST /agents/sage/v1beta/models/gemini-2.5-flash:generateContent HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n", body.len()).as_bytes())
         .await;
@@ -253,13 +250,13 @@ async fn a_large_body_after_100_continue_reaches_the_upstream_whole() {
         100,
         "the proxy asks for the body"
     );
-    c.send(body.as_bytes()).await;
+    c.send(&body).await;
     let resp = c.response(false).await;
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
     let received = h.mock.received();
     assert_eq!(received.len(), 1);
     assert!(
-        received[0].body == body.as_bytes(),
+        received[0].body == body,
         "the upstream got {} bytes of {}",
         received[0].body.len(),
         body.len()

@@ -747,11 +747,7 @@ async fn non_json_body_is_forwarded_as_is() {
 #[tokio::test]
 async fn a_body_larger_than_the_peek_goes_on_whole() {
     let h = Harness::start(CONFIG).await;
-    let text: String = (0..200_000u32)
-        .map(|i| char::from(b'a' + (i % 26) as u8))
-        .collect();
-    let body = serde_json::to_vec(&serde_json::json!({"contents": [{"parts": [{"text": text}]}]}))
-        .unwrap();
+    let body = common::large_body(200_000);
     let url = h.url("/agents/sage/v1beta/models/gemini-2.5-flash:generateContent");
     let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
         body.chunks(10 * 1024).map(|c| Ok(c.to_vec())).collect();

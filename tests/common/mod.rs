@@ -139,6 +139,15 @@ pub fn hello() -> serde_json::Value {
     serde_json::json!({"contents": [{"role": "user", "parts": [{"text": "Hello there"}]}]})
 }
 
+/// A generateContent body whose text is `letters` letters long (a–z over and over): for
+/// bodies larger than what the proxy reads before forwarding.
+pub fn large_body(letters: u32) -> Vec<u8> {
+    let text: String = (0..letters)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"contents": [{"parts": [{"text": text}]}]})).unwrap()
+}
+
 /// Poll an async condition until it holds (settlement completes after the response).
 pub async fn wait_until<F, Fut>(mut cond: F)
 where
