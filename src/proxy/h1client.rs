@@ -14,10 +14,10 @@
 //! request asked for); such a connection is dropped, at no syscall.
 
 use super::body::RequestBody;
-use super::upstream::{Outgoing, Pool};
+use super::upstream::{Pool, UpstreamRequest};
 use crate::wire::{
-    chunk_size, content_length_in, has_token_in, header_slots, write_all_to, Decoder, RawHead,
-    Spans, Step,
+    chunk_size, content_length_in, has_token_in, header_slots, push_content_length, write_all_to,
+    Decoder, RawHead, Spans, Step,
 };
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
@@ -119,7 +119,7 @@ impl H1Conn {
     /// (so that it can be sent again after an unsent failure); a streamed one is taken.
     pub async fn send(
         mut self,
-        req: &mut Outgoing,
+        req: &mut UpstreamRequest,
         host: Option<&HeaderValue>,
         pool: &Arc<Pool>,
     ) -> Result<Response<H1Body>, SendError> {
@@ -290,7 +290,7 @@ impl H1Conn {
 }
 
 /// The request head: the request line, the end-to-end headers, and the framing of `out`.
-fn encode_head(req: &Outgoing, host: Option<&HeaderValue>, out: &Out, head: &mut Vec<u8>) {
+fn encode_head(req: &UpstreamRequest, host: Option<&HeaderValue>, out: &Out, head: &mut Vec<u8>) {
     head.extend_from_slice(req.method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(req.target.as_bytes());
@@ -321,12 +321,7 @@ fn encode_head(req: &Outgoing, host: Option<&HeaderValue>, out: &Out, head: &mut
                 req.method,
                 Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
             ) => {}
-        Some(n) => {
-            // (`write!` went through `fmt`: 330 instructions a request.)
-            head.extend_from_slice(b"content-length: ");
-            head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
+        Some(n) => push_content_length(head, n),
         None => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     head.extend_from_slice(b"\r\n");

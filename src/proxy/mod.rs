@@ -25,7 +25,7 @@ use http::{HeaderMap, Request, Response};
 use metered::{Meter, MeteredBody};
 use std::sync::Arc;
 use std::time::Duration;
-use upstream::{Outgoing, Upstream, UpstreamClient};
+use upstream::{Upstream, UpstreamClient, UpstreamRequest};
 
 /// Tunables of the proxy port.
 #[derive(Debug, Clone)]
@@ -632,7 +632,7 @@ pub(crate) async fn dispatch(
         }
         None => peeked.into_forward(),
     };
-    let upstream_req = Outgoing {
+    let upstream_req = UpstreamRequest {
         method: parts.method,
         target,
         headers: parts.headers,

@@ -91,7 +91,7 @@ impl Upstream {
 
     /// The upstream target for a forwarded path and query, in origin form (`/path?query`):
     /// what HTTP/1.1 sends; the pool adds the scheme and authority on HTTP/2. The pieces
-    /// must be valid in a URI (see [`Outgoing::target`]).
+    /// must be valid in a URI (see [`UpstreamRequest::target`]).
     pub fn target(&self, path: &str, query: Option<&str>) -> String {
         let mut pq = String::with_capacity(
             self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
@@ -113,7 +113,7 @@ impl Upstream {
 /// came from, and HTTP/1.1 writes it as it is. An `http::Request` is made of it for HTTP/2
 /// (hyper's client wants one).
 #[derive(Debug)]
-pub struct Outgoing {
+pub struct UpstreamRequest {
     pub method: http::Method,
     /// Origin form (`/path?query`), put together by [`Upstream::target`] from pieces that are
     /// valid in a URI: the client's path and query (checked by the server), the base path
@@ -124,7 +124,7 @@ pub struct Outgoing {
     pub body: RequestBody,
 }
 
-impl Outgoing {
+impl UpstreamRequest {
     /// Back from a request that HTTP/2 did not send.
     fn from_request(req: http::Request<RequestBody>) -> Self {
         let (parts, body) = req.into_parts();
@@ -177,7 +177,7 @@ impl UpstreamClient {
     /// response body's end is read.
     pub async fn request(
         &self,
-        req: Outgoing,
+        req: UpstreamRequest,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         self.pool().send(req).await
     }
@@ -211,7 +211,7 @@ pub enum UpstreamError {
     #[error("request failed")]
     Send(#[source] BoxError),
     /// The upstream URL could not be made for HTTP/2 (a target that is not valid in a URI:
-    /// see [`Outgoing::target`]).
+    /// see [`UpstreamRequest::target`]).
     #[error("cannot build the upstream URL")]
     Target(#[source] http::Error),
 }
@@ -298,7 +298,7 @@ impl Pool {
 
     async fn send(
         self: Arc<Self>,
-        mut req: Outgoing,
+        mut req: UpstreamRequest,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         // After a pooled connection refused the request, the retry goes on a fresh one: at
         // most two attempts, whatever state the pool is in.
@@ -321,7 +321,7 @@ impl Pool {
                             Some(unsent) if reused => {
                                 lock(&self.state).h2 = None;
                                 fresh_only = true;
-                                req = Outgoing::from_request(unsent);
+                                req = UpstreamRequest::from_request(unsent);
                             }
                             _ => return Err(UpstreamError::Send(e.into_error().into())),
                         },
@@ -454,7 +454,10 @@ impl Pool {
     }
 
     /// HTTP/2 wants the absolute form (for `:scheme` and `:authority`) and no `Host`.
-    fn http2_request(&self, out: Outgoing) -> Result<http::Request<RequestBody>, UpstreamError> {
+    fn http2_request(
+        &self,
+        out: UpstreamRequest,
+    ) -> Result<http::Request<RequestBody>, UpstreamError> {
         let uri = http::Uri::builder()
             .scheme(self.upstream.scheme.clone())
             .authority(self.upstream.authority.clone())

@@ -24,8 +24,8 @@
 
 use super::{BoxFuture, ClientBody, PeerAddr};
 use crate::wire::{
-    chunk_size, content_length, has_token, header_slots, offsets, write_all, CarriesHead, Chunk,
-    Decoder, RawHead, Seen, Spans, Step, MAX_HEADERS,
+    chunk_size, content_length, has_token, header_slots, offsets, push_content_length, write_all,
+    CarriesHead, Chunk, Decoder, RawHead, Seen, Spans, Step, MAX_HEADERS,
 };
 use bytes::{Bytes, BytesMut};
 use http::header::{
@@ -446,11 +446,17 @@ async fn write_refusal(write: &OwnedWriteHalf, e: &HeadError) -> io::Result<()> 
         crate::gemini::error::error_body(status.as_u16(), "INVALID_ARGUMENT", &e.to_string(), None);
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     headers.insert(CONNECTION, HeaderValue::from_static("close"));
     headers.insert(DATE, date());
     let mut head = Vec::with_capacity(256);
-    encode_head(status, None, false, None, &headers, &mut head);
+    encode_head(
+        status,
+        None,
+        false,
+        Some(body.len() as u64),
+        &headers,
+        &mut head,
+    );
     write_all(write, &mut [IoSlice::new(&head), IoSlice::new(&body)]).await
 }
 
@@ -666,9 +672,7 @@ fn encode_head(
         raw.write(out, no_body);
     }
     if let Some(n) = length {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_content_length(out, n);
     }
     for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
