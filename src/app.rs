@@ -269,7 +269,9 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         admin_tls,
-        move |req| Box::pin(admin::handle(admin_state.clone(), req)),
+        move |req: server::ClientRequest| {
+            Box::pin(admin::handle(admin_state.clone(), req.into_http()))
+        },
         stop_rx,
         drain,
         "admin",
@@ -313,7 +315,7 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
 fn gated(
     sync: Option<RedisSync>,
     shared: Arc<Shared>,
-    req: http::Request<server::ClientBody>,
+    req: server::ClientRequest,
 ) -> server::BoxFuture<http::Response<proxy::body::ResponseBody>> {
     let Some(sync) = sync else {
         return proxy::handle(shared, req);

@@ -8,8 +8,8 @@
 
 use crate::config::{hash_api_key, valid_agent_id, AgentBudget, Config, UnknownAgents};
 use crate::error::ProxyError;
+use crate::server::Headers;
 use http::header::HeaderName;
-use http::HeaderMap;
 
 // Constants: a `&str` name is parsed and validated on every lookup.
 const X_AGENT_ID: HeaderName = HeaderName::from_static("x-agent-id");
@@ -59,11 +59,12 @@ pub fn path_prefix(path: &str) -> Option<(&str, usize)> {
 }
 
 /// The caller's key: `x-goog-api-key`, else `?key=`.
-pub fn caller_key<'a>(
-    headers: &'a HeaderMap,
-    query: Option<&'a str>,
-) -> Option<(String, KeyPlace)> {
-    if let Some(v) = headers.get(X_GOOG_API_KEY).and_then(|v| v.to_str().ok()) {
+pub fn caller_key<'a>(headers: &'a Headers, query: Option<&'a str>) -> Option<(String, KeyPlace)> {
+    if let Some(v) = headers
+        .get(&X_GOOG_API_KEY)
+        .filter(|v| v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
+        .and_then(|v| std::str::from_utf8(v).ok())
+    {
         return Some((v.to_string(), KeyPlace::Header));
     }
     let q = query?;
@@ -76,7 +77,7 @@ pub fn caller_key<'a>(
 pub fn identify(
     path: &str,
     query: Option<&str>,
-    headers: &HeaderMap,
+    headers: &Headers,
     config: &Config,
 ) -> Result<Identity, ProxyError> {
     // Hashing the caller's key (SHA-256) is only worth it when some agent has virtual keys:
@@ -96,13 +97,9 @@ pub fn identify(
     let named = if let Some((id, len)) = path_prefix(path) {
         Some((id.to_string(), Via::PathPrefix, len))
     } else {
-        headers.get(X_AGENT_ID).map(|v| {
-            (
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                Via::Header,
-                0,
-            )
-        })
+        headers
+            .get(&X_AGENT_ID)
+            .map(|v| (String::from_utf8_lossy(v).into_owned(), Via::Header, 0))
     };
 
     let (agent, via, prefix_len) = match named {

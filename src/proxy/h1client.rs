@@ -16,11 +16,10 @@
 use super::body::RequestBody;
 use super::upstream::{Pool, UpstreamRequest};
 use crate::wire::{
-    chunk_size, content_length_in, has_token_in, header_slots, push_content_length, write_all_to,
-    Decoder, RawHead, Spans, Step,
+    chunk_size, content_length_in, has_token_in, header_slots, name_eq, push_content_length,
+    write_all_to, Decoder, RawHead, Spans, Step,
 };
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::MaybeHttpsStream;
@@ -300,16 +299,22 @@ fn encode_head(req: &UpstreamRequest, host: Option<&HeaderValue>, out: &Out, hea
         head.extend_from_slice(host.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    for (name, value) in &req.headers {
-        // The framing is this connection's to say, and so is `Host` when it has one.
-        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || (name == HOST && host.is_some()) {
-            continue;
+    req.headers.each(|name, value| {
+        // The framing is this connection's to say, and so is `Host` when it has one. (By
+        // length first: most names are compared with nothing.)
+        let skip = match name.len() {
+            4 => host.is_some() && name_eq(name, b"host"),
+            14 => name_eq(name, b"content-length"),
+            17 => name_eq(name, b"transfer-encoding"),
+            _ => false,
+        };
+        if !skip {
+            head.extend_from_slice(name);
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value);
+            head.extend_from_slice(b"\r\n");
         }
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
+    });
     let length = match out {
         Out::Full(b) => Some(b.as_ref().map_or(0, |b| b.len() as u64)),
         Out::Stream(_, len) => *len,

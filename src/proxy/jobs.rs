@@ -7,6 +7,7 @@ use super::body::{PeekedBody, ResponseBody};
 use super::{dispatch, Dispatched, Origin, Shared};
 use crate::error::ProxyError;
 use crate::identity::{Identity, KeyPlace, Via};
+use crate::server::RequestHead;
 use crate::store::jobs::{Job, JobState, StoredResponse};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, LOCATION};
@@ -61,7 +62,7 @@ fn rand_counter() -> u64 {
 pub(crate) async fn defer(
     shared: &Arc<Shared>,
     ident: &Identity,
-    parts: http::request::Parts,
+    parts: RequestHead,
     path: &str,
     query: Option<String>,
     peeked: PeekedBody,
@@ -80,8 +81,8 @@ pub(crate) async fn defer(
     if peeked.head.len() > limit {
         return Err(too_large);
     }
-    let mut headers = parts.headers;
-    super::strip_hop_by_hop(&mut headers);
+    let mut headers = parts.headers.into_map();
+    crate::wire::strip_hop_by_hop(&mut headers);
     headers.remove(http::header::HOST);
     headers.remove(super::PREFER);
     let job = Job {
@@ -338,7 +339,7 @@ async fn run_one(shared: &Arc<Shared>, job: Job) -> bool {
     let result = dispatch(
         shared,
         &config,
-        parts,
+        RequestHead::from_parts(parts),
         &ident,
         &job.path,
         job.query.as_deref(),

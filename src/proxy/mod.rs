@@ -15,13 +15,13 @@ use crate::config::{Action, AgentBudget, Config};
 use crate::error::ProxyError;
 use crate::gemini::{body as gbody, parse_model_call, rewrite_model_in_path};
 use crate::identity::{identify, Identity, KeyPlace};
-use crate::server::ClientBody;
+use crate::server::{ClientRequest, Headers, RequestHead};
 use crate::wire::{CarriesHead as _, RawHead};
 use arc_swap::ArcSwap;
 use body::{PeekedBody, RequestBody, ResponseBody};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, Response};
 use metered::{Meter, MeteredBody};
 use std::sync::Arc;
 use std::time::Duration;
@@ -154,7 +154,7 @@ pub(crate) struct Trace {
 /// neither the request nor the large future (see benches/queue_memory.sh).
 pub fn handle(
     shared: Arc<Shared>,
-    req: Request<ClientBody>,
+    req: ClientRequest,
 ) -> crate::server::BoxFuture<Response<ResponseBody>> {
     let started = std::time::Instant::now();
     let forwarded = boxed!(forward(shared, req));
@@ -253,12 +253,12 @@ pub(crate) enum Origin {
 /// request. Hence the labeled block instead of `?`.
 async fn forward(
     shared: Arc<Shared>,
-    req: Request<ClientBody>,
+    req: ClientRequest,
 ) -> (Result<Dispatched, ProxyError>, Trace, Arc<Shared>) {
     let mut trace = Trace::default();
     let result = 'result: {
         let config = shared.config.load_full();
-        let (parts, body) = req.into_parts();
+        let ClientRequest { head: parts, body } = req;
         // A clone of the URI (a reference count) to read the path and query from while
         // `parts` moves on: copies of them cost an allocation each.
         let uri = parts.uri.clone();
@@ -307,11 +307,10 @@ async fn forward(
 }
 
 /// Whether the client sent `Prefer: respond-async` (RFC 7240).
-fn prefers_async(headers: &HeaderMap) -> bool {
+fn prefers_async(headers: &Headers) -> bool {
     headers
         .get_all(&PREFER)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .any(|v| {
             v.split(',')
                 .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
@@ -333,7 +332,7 @@ pub(crate) struct Parked {
     /// of once the request is parked (see [`resume`]).
     read_buffer: Option<Bytes>,
     /// The path and query are read again from `parts.uri` once released.
-    parts: http::request::Parts,
+    parts: RequestHead,
     ident: Identity,
     peeked: PeekedBody,
     entry: Arc<AgentLedger>,
@@ -423,7 +422,7 @@ async fn dispatch_released(
 pub(crate) async fn dispatch(
     shared: &Arc<Shared>,
     config: &Config,
-    mut parts: http::request::Parts,
+    mut parts: RequestHead,
     ident: &Identity,
     full_path: &str,
     query: Option<&str>,
@@ -614,7 +613,7 @@ pub(crate) async fn dispatch(
     };
     let target = shared.upstream.target(&upstream_path, query);
     // (`Host` is the client's business: set per protocol, see `upstream`.)
-    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.strip_hop_by_hop();
     if ident.substitute_key == Some(KeyPlace::Header) {
         let key = shared
             .settings
@@ -677,7 +676,7 @@ pub(crate) async fn dispatch(
             if let Some(raw) = rbody.take_head() {
                 raw.into_map(&mut rparts.headers);
             }
-            strip_hop_by_hop(&mut rparts.headers);
+            crate::wire::strip_hop_by_hop(&mut rparts.headers);
             if let Some(h) = trace.budget_headers.as_ref() {
                 h.apply(&mut rparts.headers);
             }
@@ -694,15 +693,8 @@ pub(crate) async fn dispatch(
 /// Give `parts` their own copies of the URI and header values: on HTTP/1.1 they are slices
 /// of the buffer the connection read the request into, which a parked request holding them
 /// would keep alive for as long as it waits (measured with `benches/queue_memory.sh`).
-fn detach(parts: &mut http::request::Parts) {
-    let mut headers = HeaderMap::with_capacity(parts.headers.len());
-    for (name, value) in parts.headers.iter() {
-        if let Ok(mut v) = HeaderValue::from_bytes(value.as_bytes()) {
-            v.set_sensitive(value.is_sensitive());
-            headers.append(name.clone(), v);
-        }
-    }
-    parts.headers = headers;
+fn detach(parts: &mut RequestHead) {
+    parts.headers.detach();
     if let Ok(uri) = http::Uri::try_from(parts.uri.to_string()) {
         parts.uri = uri;
     }
@@ -825,12 +817,12 @@ struct PublicBase {
 }
 
 /// The scheme + authority (+ agent prefix) the client used, for rewriting upload URLs.
-fn public_base(parts: &http::request::Parts, prefix_len: usize) -> PublicBase {
+fn public_base(parts: &RequestHead, prefix_len: usize) -> PublicBase {
     PublicBase {
         // HTTP/1.1 request URIs carry no scheme: the listener marks requests that came over TLS.
         secure: parts.extensions.get::<crate::tls::Secure>().is_some(),
         scheme: parts.uri.scheme().cloned(),
-        host: parts.headers.get(HOST).cloned(),
+        host: parts.headers.get_value(&HOST),
         authority: parts.uri.authority().cloned(),
         prefix_len,
     }
@@ -866,32 +858,6 @@ fn rewrite_upload_url(headers: &mut HeaderMap, public_base: &PublicBase, full_pa
     let pq = url.path_and_query().map_or("/", |p| p.as_str());
     if let Ok(v) = HeaderValue::from_str(&format!("{base}{pq}")) {
         headers.insert(X_GOOG_UPLOAD_URL, v);
-    }
-}
-
-/// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`,
-/// and `x-agent-id` (consumed by the proxy, like the `/agents/{id}` prefix).
-pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let hop = |k: &HeaderName| crate::wire::is_hop_by_hop(k.as_str().as_bytes());
-    // One pass over the (few) names first: most messages carry none of them.
-    if !h.keys().any(hop) {
-        return;
-    }
-    if h.contains_key(http::header::CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            h.remove(n);
-        }
-    }
-    let named: Vec<HeaderName> = h.keys().filter(|k| hop(k)).cloned().collect();
-    for n in named {
-        h.remove(n);
     }
 }
 

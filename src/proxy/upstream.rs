@@ -23,6 +23,7 @@
 
 use super::body::RequestBody;
 use super::h1client::{H1Body, H1Conn};
+use crate::server::Headers;
 use anyhow::Context as _;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http_body_util::Either;
@@ -120,7 +121,7 @@ pub struct UpstreamRequest {
     /// (checked at startup), a fallback model id (checked by `rewrite_model_in_path`) and a
     /// query with the key substituted (form-urlencoded).
     pub target: String,
-    pub headers: http::HeaderMap,
+    pub headers: Headers,
     pub body: RequestBody,
 }
 
@@ -135,7 +136,7 @@ impl UpstreamRequest {
                 .path_and_query()
                 .map_or("/", PathAndQuery::as_str)
                 .to_owned(),
-            headers: parts.headers,
+            headers: Headers::Map(parts.headers),
             body,
         }
     }
@@ -467,7 +468,7 @@ impl Pool {
         let mut req = http::Request::new(out.body);
         *req.method_mut() = out.method;
         *req.uri_mut() = uri;
-        *req.headers_mut() = out.headers;
+        *req.headers_mut() = out.headers.into_map();
         req.headers_mut().remove(http::header::HOST);
         *req.version_mut() = http::Version::HTTP_2;
         Ok(req)

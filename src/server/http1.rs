@@ -22,16 +22,17 @@
 //! are `Content-Length` or `chunked` (400 for anything else, and for both at once: request
 //! smuggling). HTTP/1.0 requests are answered and the connection closed.
 
-use super::{BoxFuture, ClientBody, PeerAddr};
+use super::{BoxFuture, ClientRequest, Headers, PeerAddr, RequestHead};
 use crate::wire::{
-    chunk_size, content_length, has_token, header_slots, offsets, push_content_length, write_all,
-    CarriesHead, Chunk, Decoder, RawHead, Seen, Spans, Step, MAX_HEADERS,
+    chunk_size, content_length, has_token, has_token_in, header_slots, offsets,
+    push_content_length, write_all, CarriesHead, Chunk, Decoder, RawHead, Seen, Spans, Step,
+    MAX_HEADERS,
 };
 use bytes::{Bytes, BytesMut};
 use http::header::{
-    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, EXPECT, TRANSFER_ENCODING,
+    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, TRANSFER_ENCODING,
 };
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use std::cell::RefCell;
 use std::future::Future;
@@ -88,18 +89,14 @@ enum Framing {
 
 /// A parsed request head.
 struct Head {
-    parts: http::request::Parts,
+    head: RequestHead,
     framing: Framing,
     keep_alive: bool,
     expect_continue: bool,
 }
 
-/// Headers the proxy may set on a request before sending it on (`Host`, the API key): the
-/// map is made with room for them. `HeaderMap` grows (and re-hashes) when an insert finds it
-/// full, even when the insert replaces a header it already has.
-const REQUEST_HEADERS_ADDED: usize = 2;
-
-/// Parse a request head at the start of `buf`, taking it out of `buf` when complete.
+/// Parse a request head at the start of `buf`, taking it out of `buf` when complete. Its
+/// headers stay slices of it ([`Headers::Raw`]): no map is built.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let mut headers = header_slots();
     let mut req = httparse::Request::new(&mut []);
@@ -115,7 +112,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     if len > MAX_HEAD_BYTES {
         return Err(HeadError::TooLarge);
     }
-    // Where each piece lies in `buf`, so that the map's values can be slices of the head.
+    // Where each piece lies in `buf`, so that the target and the headers can be slices of
+    // the head.
     let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
         .map_err(|_| HeadError::Invalid("the request method is not a valid token"))?;
     let target = offsets(buf, req.path.unwrap_or_default().as_bytes());
@@ -127,30 +125,24 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
         .map_err(|_| HeadError::Invalid("the request target is not a valid URI"))?;
-    let (map, seen) = spans
-        .into_map(&head, REQUEST_HEADERS_ADDED)
-        .map_err(|part| {
-            HeadError::Invalid(if part == "name" {
-                "a header name is not a valid token"
-            } else {
-                "a header value has invalid characters"
-            })
-        })?;
+    let seen = spans.seen(&head);
     let framing = framing(&spans, &head, seen, version)?;
-    let keep_alive =
-        version == Version::HTTP_11 && !(seen.connection && has_token(&map, &CONNECTION, "close"));
+    let keep_alive = version == Version::HTTP_11
+        && !(seen.connection && has_token_in(spans.values(&head, "connection"), "close"));
     let expect_continue = version == Version::HTTP_11
         && seen.expect
-        && map
-            .get(EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let (mut parts, ()) = Request::new(()).into_parts();
-    parts.method = method;
-    parts.uri = uri;
-    parts.version = version;
-    parts.headers = map;
+        && spans
+            .values(&head, "expect")
+            .next()
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
     Ok(Some(Head {
-        parts,
+        head: RequestHead {
+            method,
+            uri,
+            version,
+            headers: Headers::raw(head, spans),
+            extensions: http::Extensions::new(),
+        },
         framing,
         keep_alive,
         expect_continue,
@@ -222,7 +214,7 @@ pub(super) async fn serve_connection<H, B>(
     peer: Option<SocketAddr>,
     stop: watch::Receiver<bool>,
 ) where
-    H: Fn(Request<ClientBody>) -> BoxFuture<Response<B>> + Send + Sync + 'static,
+    H: Fn(ClientRequest) -> BoxFuture<Response<B>> + Send + Sync + 'static,
     B: Body<Data = Bytes> + CarriesHead + Send + 'static,
     B::Error: Into<BoxError> + Send,
 {
@@ -250,7 +242,7 @@ pub(super) async fn serve_connection<H, B>(
             }
         };
         let Head {
-            mut parts,
+            head: mut parts,
             framing,
             keep_alive,
             expect_continue,
@@ -293,10 +285,10 @@ pub(super) async fn serve_connection<H, B>(
         if let Some(peer) = peer {
             parts.extensions.insert(PeerAddr(peer));
         }
-        let mut response = handler(Request::from_parts(
-            parts,
-            http_body_util::Either::Right(body),
-        ));
+        let mut response = handler(ClientRequest {
+            head: parts,
+            body: http_body_util::Either::Right(body),
+        });
         // The client is watched while this loop holds the reading half: from the start, or
         // once a body that was still arriving gave it back (a request parked after reading
         // its body must still notice its client leaving).
@@ -851,10 +843,11 @@ mod tests {
             &b"POST /v1beta/models/m:generateContent?key=k HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX-A: 1\r\nX-A: 2\r\n\r\n{}"[..],
         );
         let head = parse_head(&mut buf).expect("valid").expect("complete");
-        assert_eq!(head.parts.method, Method::POST);
-        assert_eq!(head.parts.uri.path(), "/v1beta/models/m:generateContent");
-        assert_eq!(head.parts.uri.query(), Some("key=k"));
-        assert_eq!(head.parts.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(head.head.method, Method::POST);
+        assert_eq!(head.head.uri.path(), "/v1beta/models/m:generateContent");
+        assert_eq!(head.head.uri.query(), Some("key=k"));
+        let x_a = http::HeaderName::from_static("x-a");
+        assert_eq!(head.head.headers.get_all(&x_a).count(), 2);
         assert_eq!(head.framing, Framing::Length(2));
         assert!(head.keep_alive);
         assert_eq!(&buf[..], b"{}");

@@ -20,6 +20,9 @@
 //! default of the library, used by tests) connections run on the runtime that serves.
 
 mod http1;
+mod request;
+
+pub use request::{ClientRequest, Headers, RequestHead};
 
 use crate::tls::{Secure, HANDSHAKE_TIMEOUT};
 use http_body_util::Either;
@@ -176,7 +179,7 @@ pub async fn serve<H, B>(
     name: &'static str,
 ) -> usize
 where
-    H: Fn(Request<ClientBody>) -> BoxFuture<Response<B>> + Send + Sync + 'static,
+    H: Fn(ClientRequest) -> BoxFuture<Response<B>> + Send + Sync + 'static,
     B: http_body::Body<Data = bytes::Bytes> + crate::wire::CarriesHead + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
@@ -223,7 +226,7 @@ where
             if secure {
                 req.extensions_mut().insert(Secure);
             }
-            let fut = h(req);
+            let fut = h(ClientRequest::from_http(req));
             async move {
                 // hyper writes the map: a passed-through head goes into it.
                 let mut resp = fut.await;

@@ -40,7 +40,7 @@ use crate::config::Config;
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::StreamExt as _;
-use http::{Request, Response, StatusCode};
+use http::{Response, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -428,14 +428,15 @@ impl RedisSync {
 
     /// The check in front of the proxy: budgeted requests of an agent whose lease cannot
     /// admit them wait for one lease round; in `closed` mode with Redis down they get 503.
-    pub fn gate<B>(&self, req: &Request<B>) -> Gate {
-        if req.method() != http::Method::POST {
+    pub fn gate(&self, req: &crate::server::ClientRequest) -> Gate {
+        let req = &req.head;
+        if req.method != http::Method::POST {
             return Gate::Pass;
         }
         let inner = &self.inner;
         let config = inner.live.get();
-        let path = req.uri().path();
-        let Ok(ident) = crate::identity::identify(path, req.uri().query(), req.headers(), &config)
+        let path = req.uri.path();
+        let Ok(ident) = crate::identity::identify(path, req.uri.query(), &req.headers, &config)
         else {
             return Gate::Pass;
         };

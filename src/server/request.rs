@@ -1,0 +1,372 @@
+//! A request as handlers receive it ([`ClientRequest`]), whichever server read it.
+//!
+//! Its headers ([`Headers`]) are a map when hyper read the request (HTTP/2, TLS) or the
+//! proxy built it (a deferred job), and stay as our HTTP/1.1 connection read them otherwise
+//! ([`Headers::Raw`]): slices of the head, which the upstream's HTTP/1.1 connection writes
+//! on as they are. Building an `http::HeaderMap` of a request's headers (a name lookup, a
+//! hash and a value check per header, then a drop) and walking it again to encode it for
+//! the upstream was ~2,000 instructions of a proxied request, for the two or three headers
+//! the proxy reads (benches/README.md, "Ninth round"). httparse checked names and values by
+//! the same rules as `HeaderName` and `HeaderValue`, so a map can still be made of them
+//! where one is needed ([`Headers::into_map`]: the admin port, HTTP/2 upstreams, deferred
+//! jobs).
+
+use super::ClientBody;
+use crate::wire::{is_hop_by_hop, name_eq, Spans};
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION};
+use http::{Extensions, Method, Request, Uri, Version};
+
+/// A request: its head and its body.
+pub struct ClientRequest {
+    pub head: RequestHead,
+    pub body: ClientBody,
+}
+
+/// A request's head: `http::request::Parts` with [`Headers`] for the map.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: Headers,
+    /// [`super::PeerAddr`] and [`crate::tls::Secure`], where the listener sets them.
+    pub extensions: Extensions,
+}
+
+impl RequestHead {
+    /// The head of a request made as an `http::Request`.
+    pub fn from_parts(parts: http::request::Parts) -> Self {
+        Self {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: Headers::Map(parts.headers),
+            extensions: parts.extensions,
+        }
+    }
+}
+
+impl ClientRequest {
+    /// A request read by hyper.
+    pub fn from_http(req: Request<ClientBody>) -> Self {
+        let (parts, body) = req.into_parts();
+        Self {
+            head: RequestHead::from_parts(parts),
+            body,
+        }
+    }
+
+    /// As an `http::Request`, its headers in a map (for handlers that want one).
+    pub fn into_http(self) -> Request<ClientBody> {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        let head = self.head;
+        parts.method = head.method;
+        parts.uri = head.uri;
+        parts.version = head.version;
+        parts.headers = head.headers.into_map();
+        parts.extensions = head.extensions;
+        Request::from_parts(parts, self.body)
+    }
+}
+
+/// A request's headers: a map, or the head they were read from.
+#[derive(Debug)]
+pub enum Headers {
+    Map(HeaderMap),
+    Raw(RawHeaders),
+}
+
+/// Headers as our HTTP/1.1 connection read them, with those the proxy set.
+#[derive(Debug)]
+pub struct RawHeaders {
+    /// The request's head (request line and header lines).
+    head: Bytes,
+    /// The headers of `head` still there (removed ones are taken out of the list).
+    spans: Spans,
+    /// Headers the proxy set (each replaced every header of its name in `head`).
+    set: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Headers {
+    /// The headers of `spans`, parsed out of `head` (names and values checked by httparse).
+    pub fn raw(head: Bytes, spans: Spans) -> Self {
+        Headers::Raw(RawHeaders {
+            head,
+            spans,
+            set: Vec::new(),
+        })
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &HeaderName) -> Option<&[u8]> {
+        match self {
+            Headers::Map(m) => m.get(name).map(HeaderValue::as_bytes),
+            Headers::Raw(r) => match r.spans.ranges(&r.head, name.as_str()).next() {
+                Some((v0, v1)) => Some(&r.head[v0..v1]),
+                None => r
+                    .set
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.as_bytes()),
+            },
+        }
+    }
+
+    /// Every value of `name`, in order.
+    pub fn get_all<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> {
+        let (map, raw) = match self {
+            Headers::Map(m) => (Some(m.get_all(name).iter()), None),
+            Headers::Raw(r) => (None, Some(r)),
+        };
+        let set = raw
+            .into_iter()
+            .flat_map(move |r| r.set.iter().filter(move |(n, _)| n == name))
+            .map(|(_, v)| v.as_bytes());
+        map.into_iter()
+            .flatten()
+            .map(HeaderValue::as_bytes)
+            .chain(
+                raw.into_iter()
+                    .flat_map(move |r| r.spans.values(&r.head, name.as_str())),
+            )
+            .chain(set)
+    }
+
+    /// The first value of `name`, as a `HeaderValue` (a slice of the head: no copy).
+    pub fn get_value(&self, name: &HeaderName) -> Option<HeaderValue> {
+        match self {
+            Headers::Map(m) => m.get(name).cloned(),
+            Headers::Raw(r) => match r.set.iter().find(|(n, _)| n == name) {
+                Some((_, v)) => Some(v.clone()),
+                None => r
+                    .spans
+                    .ranges(&r.head, name.as_str())
+                    .next()
+                    .and_then(|(v0, v1)| HeaderValue::from_maybe_shared(r.head.slice(v0..v1)).ok()),
+            },
+        }
+    }
+
+    /// Set `name` to `value`, replacing every header of that name.
+    pub fn insert(&mut self, name: HeaderName, value: HeaderValue) {
+        match self {
+            Headers::Map(m) => {
+                m.insert(name, value);
+            }
+            Headers::Raw(r) => {
+                r.remove(&name);
+                r.set.push((name, value));
+            }
+        }
+    }
+
+    /// Remove every header named `name`.
+    pub fn remove(&mut self, name: &HeaderName) {
+        match self {
+            Headers::Map(m) => {
+                m.remove(name);
+            }
+            Headers::Raw(r) => r.remove(name),
+        }
+    }
+
+    /// Remove the hop-by-hop headers (see [`is_hop_by_hop`]) and those `Connection` names.
+    pub fn strip_hop_by_hop(&mut self) {
+        match self {
+            Headers::Map(m) => crate::wire::strip_hop_by_hop(m),
+            Headers::Raw(r) => {
+                let head = &r.head;
+                // One pass over the (few) names first: most requests carry none of them.
+                if !r.spans.names(head).any(is_hop_by_hop) {
+                    return;
+                }
+                let named: Vec<Vec<u8>> = r
+                    .spans
+                    .values(head, CONNECTION.as_str())
+                    .flat_map(|v| v.split(|&b| b == b','))
+                    .map(|n| n.trim_ascii().to_vec())
+                    .collect();
+                r.spans.retain(head, |name| {
+                    !is_hop_by_hop(name) && !named.iter().any(|n| name_eq(name, n))
+                });
+            }
+        }
+    }
+
+    /// Every header, in order (a raw head's, then those the proxy set).
+    pub fn each(&self, mut f: impl FnMut(&[u8], &[u8])) {
+        match self {
+            Headers::Map(m) => {
+                for (name, value) in m {
+                    f(name.as_str().as_bytes(), value.as_bytes());
+                }
+            }
+            Headers::Raw(r) => {
+                for (name, value) in r.spans.pairs(&r.head) {
+                    f(name, value);
+                }
+                for (name, value) in &r.set {
+                    f(name.as_str().as_bytes(), value.as_bytes());
+                }
+            }
+        }
+    }
+
+    /// How many headers there are.
+    pub fn len(&self) -> usize {
+        match self {
+            Headers::Map(m) => m.len(),
+            Headers::Raw(r) => r.spans.len() + r.set.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// As a map (values of a raw head stay slices of it).
+    pub fn into_map(self) -> HeaderMap {
+        match self {
+            Headers::Map(m) => m,
+            Headers::Raw(r) => {
+                let mut map = HeaderMap::with_capacity(r.spans.len() + r.set.len());
+                for (n0, n1, v0, v1) in r.spans.offsets() {
+                    if let (Ok(name), Ok(value)) = (
+                        HeaderName::from_bytes(&r.head[n0..n1]),
+                        HeaderValue::from_maybe_shared(r.head.slice(v0..v1)),
+                    ) {
+                        map.append(name, value);
+                    }
+                }
+                for (name, value) in r.set {
+                    map.insert(name, value);
+                }
+                map
+            }
+        }
+    }
+
+    /// Give the headers their own copy of the bytes they are slices of: those of the buffer
+    /// the connection read the request into, which a parked request holding them would keep
+    /// alive for as long as it waits (measured with `benches/queue_memory.sh`).
+    pub fn detach(&mut self) {
+        match self {
+            Headers::Map(m) => {
+                let mut headers = HeaderMap::with_capacity(m.len());
+                for (name, value) in m.iter() {
+                    if let Ok(mut v) = HeaderValue::from_bytes(value.as_bytes()) {
+                        v.set_sensitive(value.is_sensitive());
+                        headers.append(name.clone(), v);
+                    }
+                }
+                *m = headers;
+            }
+            Headers::Raw(r) => r.head = Bytes::copy_from_slice(&r.head),
+        }
+    }
+}
+
+impl RawHeaders {
+    fn remove(&mut self, name: &HeaderName) {
+        self.spans.retain(&self.head, |n| {
+            !n.eq_ignore_ascii_case(name.as_str().as_bytes())
+        });
+        self.set.retain(|(n, _)| n != name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The headers of a parsed head, raw.
+    fn raw(head: &'static [u8]) -> Headers {
+        let mut slots = crate::wire::header_slots();
+        let mut req = httparse::Request::new(&mut []);
+        let head = Bytes::from_static(head);
+        let status = req
+            .parse_with_uninit_headers(&head, &mut slots)
+            .expect("a valid head");
+        assert!(status.is_complete());
+        let spans = Spans::of(&head, req.headers);
+        Headers::raw(head, spans)
+    }
+
+    fn map_of(h: Headers) -> Vec<(String, String)> {
+        h.into_map()
+            .iter()
+            .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+            .collect()
+    }
+
+    fn both(head: &'static [u8]) -> [Headers; 2] {
+        let map = Headers::Map(raw(head).into_map());
+        [raw(head), map]
+    }
+
+    const HEAD: &[u8] = b"POST /v1beta/x HTTP/1.1\r\nHost: a\r\nX-Goog-Api-Key: k1\r\nConnection: keep-alive, X-Drop\r\nx-drop: 1\r\nAccept: a\r\naccept: b\r\nTE: trailers\r\n\r\n";
+
+    #[test]
+    fn raw_and_map_headers_read_alike() {
+        let key = HeaderName::from_static("x-goog-api-key");
+        let accept = http::header::ACCEPT;
+        for h in both(HEAD) {
+            assert_eq!(h.get(&key), Some(&b"k1"[..]));
+            assert_eq!(h.get_all(&accept).collect::<Vec<_>>(), [&b"a"[..], b"b"]);
+            assert_eq!(h.get(&http::header::CONTENT_TYPE), None);
+            assert_eq!(h.get_value(&key).expect("set"), "k1");
+            assert_eq!(h.len(), 7);
+        }
+    }
+
+    #[test]
+    fn raw_and_map_headers_change_alike() {
+        let key = HeaderName::from_static("x-goog-api-key");
+        let results = both(HEAD).map(|mut h| {
+            h.strip_hop_by_hop();
+            h.insert(key.clone(), HeaderValue::from_static("real"));
+            h.remove(&http::header::HOST);
+            assert_eq!(h.get(&key), Some(&b"real"[..]));
+            assert_eq!(h.get_value(&key).expect("set"), "real");
+            let mut lines = Vec::new();
+            h.each(|n, v| {
+                lines.push(format!(
+                    "{}: {}",
+                    String::from_utf8_lossy(n),
+                    String::from_utf8_lossy(v)
+                ))
+            });
+            (lines.len(), h.len(), map_of(h))
+        });
+        assert_eq!(results[0], results[1]);
+        let (lines, len, map) = &results[0];
+        assert_eq!((*lines, *len), (3, 3));
+        assert_eq!(
+            map,
+            &[
+                ("accept".to_string(), "a".to_string()),
+                ("accept".to_string(), "b".to_string()),
+                ("x-goog-api-key".to_string(), "real".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn detached_raw_headers_no_longer_share_the_read_buffer() {
+        let buf = Bytes::from(HEAD.to_vec());
+        let mut slots = crate::wire::header_slots();
+        let mut req = httparse::Request::new(&mut []);
+        req.parse_with_uninit_headers(&buf, &mut slots)
+            .expect("valid");
+        let spans = Spans::of(&buf, req.headers);
+        let mut h = Headers::raw(buf.clone(), spans);
+        h.detach();
+        let Headers::Raw(r) = &h else {
+            panic!("raw headers stay raw");
+        };
+        assert_ne!(r.head.as_ptr(), buf.as_ptr());
+        assert_eq!(h.get(&http::header::HOST), Some(&b"a"[..]));
+    }
+}
