@@ -259,10 +259,10 @@ async fn forward(
     let result = 'result: {
         let config = shared.config.load_full();
         let ClientRequest { head: parts, body } = req;
-        // A clone of the URI (a reference count) to read the path and query from while
+        // A clone of the target (a reference count) to read the path and query from while
         // `parts` moves on: copies of them cost an allocation each.
-        let uri = parts.uri.clone();
-        let (full_path, query) = (uri.path(), uri.query());
+        let target = parts.target.clone();
+        let (full_path, query) = (target.path(), target.query());
         let ident = match identify(full_path, query, &parts.headers, &config) {
             Ok(ident) => ident,
             Err(e) => break 'result Err(e),
@@ -331,7 +331,7 @@ pub(crate) struct Parked {
     /// The body as the server handed it out: a slice of the connection's read buffer, let go
     /// of once the request is parked (see [`resume`]).
     read_buffer: Option<Bytes>,
-    /// The path and query are read again from `parts.uri` once released.
+    /// The path and query are read again from `parts.target` once released.
     parts: RequestHead,
     ident: Identity,
     peeked: PeekedBody,
@@ -401,14 +401,14 @@ async fn dispatch_released(
         peeked,
         ..
     } = *parked;
-    let uri = parts.uri.clone();
+    let target = parts.target.clone();
     dispatch(
         shared,
         &config,
         parts,
         &ident,
-        uri.path(),
-        uri.query(),
+        target.path(),
+        target.query(),
         peeked,
         Origin::Client { may_defer: false },
         Some((admission, queued_ms)),
@@ -695,9 +695,7 @@ pub(crate) async fn dispatch(
 /// would keep alive for as long as it waits (measured with `benches/queue_memory.sh`).
 fn detach(parts: &mut RequestHead) {
     parts.headers.detach();
-    if let Ok(uri) = http::Uri::try_from(parts.uri.to_string()) {
-        parts.uri = uri;
-    }
+    parts.target.detach();
 }
 
 /// Park a request of a queue agent until budget returns, the wait runs out, or shutdown.
@@ -821,9 +819,9 @@ fn public_base(parts: &RequestHead, prefix_len: usize) -> PublicBase {
     PublicBase {
         // HTTP/1.1 request URIs carry no scheme: the listener marks requests that came over TLS.
         secure: parts.extensions.get::<crate::tls::Secure>().is_some(),
-        scheme: parts.uri.scheme().cloned(),
+        scheme: parts.target.uri().and_then(|u| u.scheme().cloned()),
         host: parts.headers.get_value(&HOST),
-        authority: parts.uri.authority().cloned(),
+        authority: parts.target.uri().and_then(|u| u.authority().cloned()),
         prefix_len,
     }
 }

@@ -22,7 +22,7 @@
 //! are `Content-Length` or `chunked` (400 for anything else, and for both at once: request
 //! smuggling). HTTP/1.0 requests are answered and the connection closed.
 
-use super::{BoxFuture, ClientRequest, Headers, PeerAddr, RequestHead};
+use super::{BoxFuture, ClientRequest, Headers, PeerAddr, RequestHead, Target};
 use crate::wire::{
     chunk_size, content_length, has_token, has_token_in, header_slots, offsets,
     push_content_length, write_all, CarriesHead, Chunk, Decoder, RawHead, Seen, Spans, Step,
@@ -123,8 +123,14 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     };
     let spans = Spans::of(buf, req.headers);
     let head = buf.split_to(len).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
-        .map_err(|_| HeadError::Invalid("the request target is not a valid URI"))?;
+    let target = head.slice(target.0..target.1);
+    let target = match Target::origin(target.clone()) {
+        Some(t) => t,
+        None => Target::Uri(
+            Uri::from_maybe_shared(target)
+                .map_err(|_| HeadError::Invalid("the request target is not a valid URI"))?,
+        ),
+    };
     let seen = spans.seen(&head);
     let framing = framing(&spans, &head, seen, version)?;
     let keep_alive = version == Version::HTTP_11
@@ -138,7 +144,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     Ok(Some(Head {
         head: RequestHead {
             method,
-            uri,
+            target,
             version,
             headers: Headers::raw(head, spans),
             extensions: http::Extensions::new(),
@@ -844,8 +850,8 @@ mod tests {
         );
         let head = parse_head(&mut buf).expect("valid").expect("complete");
         assert_eq!(head.head.method, Method::POST);
-        assert_eq!(head.head.uri.path(), "/v1beta/models/m:generateContent");
-        assert_eq!(head.head.uri.query(), Some("key=k"));
+        assert_eq!(head.head.target.path(), "/v1beta/models/m:generateContent");
+        assert_eq!(head.head.target.query(), Some("key=k"));
         let x_a = http::HeaderName::from_static("x-a");
         assert_eq!(head.head.headers.get_all(&x_a).count(), 2);
         assert_eq!(head.framing, Framing::Length(2));

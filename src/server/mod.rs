@@ -22,7 +22,7 @@
 mod http1;
 mod request;
 
-pub use request::{ClientRequest, Headers, RequestHead};
+pub use request::{ClientRequest, Headers, RequestHead, Target};
 
 use crate::tls::{Secure, HANDSHAKE_TIMEOUT};
 use http_body_util::Either;

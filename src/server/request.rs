@@ -27,7 +27,7 @@ pub struct ClientRequest {
 #[derive(Debug)]
 pub struct RequestHead {
     pub method: Method,
-    pub uri: Uri,
+    pub target: Target,
     pub version: Version,
     pub headers: Headers,
     /// [`super::PeerAddr`] and [`crate::tls::Secure`], where the listener sets them.
@@ -39,7 +39,7 @@ impl RequestHead {
     pub fn from_parts(parts: http::request::Parts) -> Self {
         Self {
             method: parts.method,
-            uri: parts.uri,
+            target: Target::Uri(parts.uri),
             version: parts.version,
             headers: Headers::Map(parts.headers),
             extensions: parts.extensions,
@@ -62,11 +62,106 @@ impl ClientRequest {
         let (mut parts, ()) = Request::new(()).into_parts();
         let head = self.head;
         parts.method = head.method;
-        parts.uri = head.uri;
+        parts.uri = head.target.into_uri();
         parts.version = head.version;
         parts.headers = head.headers.into_map();
         parts.extensions = head.extensions;
         Request::from_parts(parts, self.body)
+    }
+}
+
+/// Bytes of an origin-form target kept as they came ([`Target::origin`]): those `http::Uri`
+/// accepts, without change, both in a path and in a query, and `?`. Left out: `"` `#` `<`
+/// `>` `` ` `` `{` `}`, spaces, controls and non-ASCII bytes (a target with any of them is
+/// parsed into a `Uri`, as before).
+static PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0x21;
+    while b < 0x7f {
+        t[b] = !matches!(b as u8, b'"' | b'#' | b'<' | b'>' | b'`' | b'{' | b'}');
+        b += 1;
+    }
+    t
+};
+
+/// A request's target.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Parsed (hyper's requests, deferred jobs, and targets [`Target::origin`] leaves out).
+    Uri(Uri),
+    /// An origin-form target as our HTTP/1.1 connection read it (a slice of the head),
+    /// checked by [`Target::origin`]: what `http::Uri` would have made of it, without
+    /// checking each byte again in a slower loop (730 instructions a request).
+    Origin {
+        bytes: Bytes,
+        /// Where its `?` is.
+        query: Option<usize>,
+    },
+}
+
+impl Target {
+    /// `bytes` kept as they are, if they are a path (and query) of [`PLAIN`] bytes only.
+    pub fn origin(bytes: Bytes) -> Option<Self> {
+        if bytes.first() != Some(&b'/')
+            || bytes.len() >= usize::from(u16::MAX)
+            || !bytes.iter().all(|&b| PLAIN[usize::from(b)])
+        {
+            return None;
+        }
+        let query = memchr::memchr(b'?', &bytes);
+        Some(Target::Origin { bytes, query })
+    }
+
+    /// The path (`/` when empty).
+    pub fn path(&self) -> &str {
+        match self {
+            Target::Uri(uri) => uri.path(),
+            Target::Origin { bytes, query } => {
+                let path = &bytes[..query.unwrap_or(bytes.len())];
+                // (ASCII: checked by `origin`.)
+                std::str::from_utf8(path).unwrap_or("/")
+            }
+        }
+    }
+
+    /// The query, without its `?`.
+    pub fn query(&self) -> Option<&str> {
+        match self {
+            Target::Uri(uri) => uri.query(),
+            Target::Origin { bytes, query } => {
+                query.and_then(|q| std::str::from_utf8(&bytes[q + 1..]).ok())
+            }
+        }
+    }
+
+    /// The parsed URI, when the target is one (only those may carry a scheme and an
+    /// authority).
+    pub fn uri(&self) -> Option<&Uri> {
+        match self {
+            Target::Uri(uri) => Some(uri),
+            Target::Origin { .. } => None,
+        }
+    }
+
+    /// As a `Uri`.
+    pub fn into_uri(self) -> Uri {
+        match self {
+            Target::Uri(uri) => uri,
+            // Cannot fail: `origin` let through only what a `Uri` accepts.
+            Target::Origin { bytes, .. } => Uri::from_maybe_shared(bytes).unwrap_or_default(),
+        }
+    }
+
+    /// Its own copy of the bytes it is a slice of (see [`Headers::detach`]).
+    pub fn detach(&mut self) {
+        match self {
+            Target::Uri(uri) => {
+                if let Ok(own) = Uri::try_from(uri.to_string()) {
+                    *uri = own;
+                }
+            }
+            Target::Origin { bytes, .. } => *bytes = Bytes::copy_from_slice(bytes),
+        }
     }
 }
 
@@ -304,6 +399,54 @@ mod tests {
     fn both(head: &'static [u8]) -> [Headers; 2] {
         let map = Headers::Map(raw(head).into_map());
         [raw(head), map]
+    }
+
+    /// Targets: a `/` (mostly) then bytes of every kind the server could meet.
+    fn targets() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let byte = prop_oneof![
+            60 => proptest::sample::select(b"abcXYZ019/-._~%:=&+,;!$'()*@".to_vec()),
+            6 => Just(b'?'),
+            2 => proptest::sample::select(b"\"#<>`{}|^[]\\".to_vec()),
+            1 => any::<u8>(),
+        ];
+        (
+            prop_oneof![9 => Just(b'/'), 1 => any::<u8>()],
+            proptest::collection::vec(byte, 0..40),
+        )
+            .prop_map(|(first, rest)| [vec![first], rest].concat())
+    }
+
+    proptest::proptest! {
+        /// A target kept as it came reads as `http::Uri` reads it.
+        #[test]
+        fn a_kept_target_reads_as_a_uri(t in targets()) {
+            let bytes = Bytes::from(t);
+            if let Some(target) = Target::origin(bytes.clone()) {
+                let uri = Uri::from_maybe_shared(bytes).expect("a kept target is a valid URI");
+                proptest::prop_assert_eq!(target.path(), uri.path());
+                proptest::prop_assert_eq!(target.query(), uri.query());
+                proptest::prop_assert_eq!(target.clone().into_uri(), uri);
+            }
+        }
+    }
+
+    #[test]
+    fn most_generated_targets_are_kept_and_some_are_not() {
+        let kept = crate::testing::how_many_generated(&targets(), 1000, |t| {
+            Target::origin(Bytes::from(t.clone())).is_some()
+        });
+        assert!((300..900).contains(&kept), "{kept} of 1000");
+        // Gemini's own targets are.
+        let t = Target::origin(Bytes::from_static(
+            b"/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key=k",
+        ))
+        .expect("kept");
+        assert_eq!(
+            t.path(),
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+        );
+        assert_eq!(t.query(), Some("alt=sse&key=k"));
     }
 
     const HEAD: &[u8] = b"POST /v1beta/x HTTP/1.1\r\nHost: a\r\nX-Goog-Api-Key: k1\r\nConnection: keep-alive, X-Drop\r\nx-drop: 1\r\nAccept: a\r\naccept: b\r\nTE: trailers\r\n\r\n";

@@ -435,8 +435,8 @@ impl RedisSync {
         }
         let inner = &self.inner;
         let config = inner.live.get();
-        let path = req.uri.path();
-        let Ok(ident) = crate::identity::identify(path, req.uri.query(), &req.headers, &config)
+        let path = req.target.path();
+        let Ok(ident) = crate::identity::identify(path, req.target.query(), &req.headers, &config)
         else {
             return Gate::Pass;
         };
