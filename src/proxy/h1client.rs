@@ -299,20 +299,14 @@ fn encode_head(req: &UpstreamRequest, host: Option<&HeaderValue>, out: &Out, hea
         head.extend_from_slice(host.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    req.headers.each(|name, value| {
+    req.headers.write_lines(head, |name| {
         // The framing is this connection's to say, and so is `Host` when it has one. (By
         // length first: most names are compared with nothing.)
-        let skip = match name.len() {
+        !match name.len() {
             4 => host.is_some() && name_eq(name, b"host"),
             14 => name_eq(name, b"content-length"),
             17 => name_eq(name, b"transfer-encoding"),
             _ => false,
-        };
-        if !skip {
-            head.extend_from_slice(name);
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value);
-            head.extend_from_slice(b"\r\n");
         }
     });
     let length = match out {

@@ -12,7 +12,7 @@
 //! jobs).
 
 use super::ClientBody;
-use crate::wire::{is_hop_by_hop, name_eq, Spans};
+use crate::wire::{is_hop_by_hop, name_eq, push_line, Spans};
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION};
 use http::{Extensions, Method, Request, Uri, Version};
@@ -293,21 +293,14 @@ impl Headers {
         }
     }
 
-    /// Every header, in order (a raw head's, then those the proxy set).
-    pub fn each(&self, mut f: impl FnMut(&[u8], &[u8])) {
+    /// Append the headers whose name `keep` accepts to `out`, as `name: value\r\n` lines:
+    /// a raw head's as they stand (see [`Spans::write_lines`]), then those the proxy set.
+    pub fn write_lines(&self, out: &mut Vec<u8>, mut keep: impl FnMut(&[u8]) -> bool) {
         match self {
-            Headers::Map(m) => {
-                for (name, value) in m {
-                    f(name.as_str().as_bytes(), value.as_bytes());
-                }
-            }
+            Headers::Map(m) => write_pairs(m.iter(), out, keep),
             Headers::Raw(r) => {
-                for (name, value) in r.spans.pairs(&r.head) {
-                    f(name, value);
-                }
-                for (name, value) in &r.set {
-                    f(name.as_str().as_bytes(), value.as_bytes());
-                }
+                r.spans.write_lines(&r.head, out, &mut keep);
+                write_pairs(r.set.iter().map(|(n, v)| (n, v)), out, keep);
             }
         }
     }
@@ -363,6 +356,19 @@ impl Headers {
                 *m = headers;
             }
             Headers::Raw(r) => r.head = Bytes::copy_from_slice(&r.head),
+        }
+    }
+}
+
+/// [`Headers::write_lines`] of headers in a map or a list.
+fn write_pairs<'a>(
+    pairs: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    out: &mut Vec<u8>,
+    mut keep: impl FnMut(&[u8]) -> bool,
+) {
+    for (name, value) in pairs {
+        if keep(name.as_str().as_bytes()) {
+            push_line(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
 }
@@ -477,19 +483,17 @@ mod tests {
             h.remove(&http::header::HOST);
             assert_eq!(h.get(&key), Some(&b"real"[..]));
             assert_eq!(h.get_value(&key).expect("set"), "real");
-            let mut lines = Vec::new();
-            h.each(|n, v| {
-                lines.push(format!(
-                    "{}: {}",
-                    String::from_utf8_lossy(n),
-                    String::from_utf8_lossy(v)
-                ))
-            });
-            (lines.len(), h.len(), map_of(h))
+            let mut out = Vec::new();
+            h.write_lines(&mut out, |_| true);
+            let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+            let mut lines: Vec<String> = text.split_terminator("\r\n").map(str::to_owned).collect();
+            lines.sort();
+            (lines, h.len(), map_of(h))
         });
         assert_eq!(results[0], results[1]);
         let (lines, len, map) = &results[0];
-        assert_eq!((*lines, *len), (3, 3));
+        assert_eq!(lines, &["accept: a", "accept: b", "x-goog-api-key: real"]);
+        assert_eq!(*len, 3);
         assert_eq!(
             map,
             &[
