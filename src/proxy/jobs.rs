@@ -62,7 +62,7 @@ fn rand_counter() -> u64 {
 pub(crate) async fn defer(
     shared: &Arc<Shared>,
     ident: &Identity,
-    parts: RequestHead,
+    parts: Box<RequestHead>,
     path: &str,
     query: Option<String>,
     peeked: PeekedBody,
@@ -339,7 +339,7 @@ async fn run_one(shared: &Arc<Shared>, job: Job) -> bool {
     let result = dispatch(
         shared,
         &config,
-        RequestHead::from_parts(parts),
+        Box::new(RequestHead::from_parts(parts)),
         &ident,
         &job.path,
         job.query.as_deref(),

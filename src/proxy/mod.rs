@@ -332,7 +332,7 @@ pub(crate) struct Parked {
     /// of once the request is parked (see [`resume`]).
     read_buffer: Option<Bytes>,
     /// The path and query are read again from `parts.target` once released.
-    parts: RequestHead,
+    parts: Box<RequestHead>,
     ident: Identity,
     peeked: PeekedBody,
     entry: Arc<AgentLedger>,
@@ -422,7 +422,7 @@ async fn dispatch_released(
 pub(crate) async fn dispatch(
     shared: &Arc<Shared>,
     config: &Config,
-    mut parts: RequestHead,
+    mut parts: Box<RequestHead>,
     ident: &Identity,
     full_path: &str,
     query: Option<&str>,

@@ -89,7 +89,7 @@ enum Framing {
 
 /// A parsed request head.
 struct Head {
-    head: RequestHead,
+    head: Box<RequestHead>,
     framing: Framing,
     keep_alive: bool,
     expect_continue: bool,
@@ -142,13 +142,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
             .next()
             .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
     Ok(Some(Head {
-        head: RequestHead {
+        head: Box::new(RequestHead {
             method,
             target,
             version,
             headers: Headers::raw(head, spans),
             extensions: http::Extensions::new(),
-        },
+        }),
         framing,
         keep_alive,
         expect_continue,
