@@ -102,7 +102,7 @@ pub(crate) struct BudgetHeaders {
     action: &'static str,
     model: Option<String>,
     /// Time spent parked (queue action).
-    queued_ms: Option<u128>,
+    queued_ms: Option<u64>,
 }
 
 impl BudgetHeaders {
@@ -373,7 +373,7 @@ async fn resume(
         parked.resets_at,
     ))
     .await?;
-    let queued_ms = waited.elapsed().as_millis();
+    let queued_ms = u64::try_from(waited.elapsed().as_millis()).unwrap_or(u64::MAX);
     // Boxed: the request's parts are unpacked only once it is released.
     let dispatched = Box::pin(dispatch_released(
         shared, parked, admission, queued_ms, trace,
@@ -391,7 +391,7 @@ async fn dispatch_released(
     shared: &Arc<Shared>,
     parked: Box<Parked>,
     admission: Admission,
-    queued_ms: u128,
+    queued_ms: u64,
     trace: &mut Trace,
 ) -> Result<Dispatched, ProxyError> {
     let config = shared.config.load_full();
@@ -411,7 +411,7 @@ async fn dispatch_released(
         target.query(),
         peeked,
         Origin::Client { may_defer: false },
-        Some((admission, queued_ms)),
+        Some(Box::new((admission, queued_ms))),
         trace,
     )
     .await
@@ -428,7 +428,9 @@ pub(crate) async fn dispatch(
     query: Option<&str>,
     mut peeked: PeekedBody,
     origin: Origin,
-    resumed: Option<(Admission, u128)>,
+    // Boxed: `None` but for released queue requests, and an async fn keeps two slots of
+    // each argument.
+    resumed: Option<Box<(Admission, u64)>>,
     trace: &mut Trace,
 ) -> Result<Dispatched, ProxyError> {
     let path = match &full_path[ident.prefix_len..] {
@@ -463,8 +465,8 @@ pub(crate) async fn dispatch(
     if is_budgeted(&parts.method, call.map(|c| c.method)) {
         let estimate = estimate_tokens(&peeked, shared.settings.default_output_tokens);
         // Queue agents keep FIFO order: while others wait, a newcomer waits behind them.
-        let queued_ms = resumed.as_ref().map(|(_, ms)| *ms);
-        let admission = if let Some((admitted, _)) = resumed {
+        let queued_ms = resumed.as_ref().map(|r| r.1);
+        let admission = if let Some((admitted, _)) = resumed.map(|r| *r) {
             admitted
         } else if budget.action == Action::Queue && shared.queues.has_waiters(&ident.agent) {
             // (A job yields to parked requests: they hold connections.)
@@ -631,7 +633,7 @@ pub(crate) async fn dispatch(
         }
         None => peeked.into_forward(),
     };
-    let upstream_req = UpstreamRequest {
+    let mut upstream_req = UpstreamRequest {
         method: parts.method,
         target,
         headers: parts.headers,
@@ -641,9 +643,9 @@ pub(crate) async fn dispatch(
     let sent_at = std::time::Instant::now();
     let sent = tokio::time::timeout(
         shared.settings.upstream_timeout,
-        // Boxed: the upstream exchange (1.6 KiB) would be part of this future, which is
+        // Boxed: the upstream exchange (~1 KiB) would be part of this future, which is
         // moved whole into its caller's state on every request.
-        boxed!(shared.client.request(upstream_req)),
+        boxed!(shared.client.request(&mut upstream_req)),
     )
     .await;
     trace.upstream_wait = sent_at.elapsed();
