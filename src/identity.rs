@@ -9,6 +9,7 @@
 use crate::config::{hash_api_key, valid_agent_id, AgentBudget, Config, UnknownAgents};
 use crate::error::ProxyError;
 use crate::server::Headers;
+use crate::wire::value_str;
 use http::header::HeaderName;
 
 // Constants: a `&str` name is parsed and validated on every lookup.
@@ -60,11 +61,7 @@ pub fn path_prefix(path: &str) -> Option<(&str, usize)> {
 
 /// The caller's key: `x-goog-api-key`, else `?key=`.
 pub fn caller_key<'a>(headers: &'a Headers, query: Option<&'a str>) -> Option<(String, KeyPlace)> {
-    if let Some(v) = headers
-        .get(&X_GOOG_API_KEY)
-        .filter(|v| v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
-        .and_then(|v| std::str::from_utf8(v).ok())
-    {
+    if let Some(v) = headers.get(&X_GOOG_API_KEY).and_then(value_str) {
         return Some((v.to_string(), KeyPlace::Header));
     }
     let q = query?;

@@ -232,19 +232,20 @@ impl Spans {
     }
 
     /// The header map, its values slices of `head` (the buffer, frozen), with room for
-    /// `extra` more headers (those the proxy adds: no re-hashing of a grown map), and which
-    /// of the headers that frame the message it has. The error says which part was
-    /// invalid: `"name"` or `"value"`.
-    pub fn into_map(&self, head: &Bytes, extra: usize) -> Result<(HeaderMap, Seen), &'static str> {
+    /// `extra` more headers (those the caller adds: no re-hashing of a grown map). A header
+    /// `HeaderName` or `HeaderValue` refuses is left out (none: httparse checked them by the
+    /// same rules).
+    pub fn into_map(&self, head: &Bytes, extra: usize) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.0.len() + extra);
-        let mut seen = Seen::default();
         for &[n0, n1, v0, v1] in &self.0 {
-            seen.note(&head[n0..n1]);
-            let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| "name")?;
-            let value = HeaderValue::from_maybe_shared(head.slice(v0..v1)).map_err(|_| "value")?;
-            map.append(name, value);
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(&head[n0..n1]),
+                HeaderValue::from_maybe_shared(head.slice(v0..v1)),
+            ) {
+                map.append(name, value);
+            }
         }
-        Ok((map, seen))
+        map
     }
 
     /// The values of the headers of `head` named `name` (any case), in order, without a map
@@ -315,11 +316,6 @@ impl Spans {
             }
         }
         flush(&mut run, out);
-    }
-
-    /// Every header's name and value ranges.
-    pub fn offsets(&self) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
-        self.0.iter().map(|&[n0, n1, v0, v1]| (n0, n1, v0, v1))
     }
 
     /// Keep only the headers whose name `keep` accepts.
@@ -653,6 +649,16 @@ pub fn head_into_map<B: CarriesHead>(resp: &mut http::Response<B>) {
     }
 }
 
+/// A header value as text, as `HeaderValue::to_str` reads it: visible ASCII, spaces and
+/// tabs only (`None` otherwise).
+pub fn value_str(v: &[u8]) -> Option<&str> {
+    if v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+        std::str::from_utf8(v).ok()
+    } else {
+        None
+    }
+}
+
 /// Append the header line `name: value\r\n`.
 pub fn push_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
@@ -851,9 +857,9 @@ mod tests {
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\nConnection: keep-alive, Close\r\n\r\nhello";
         let (len, spans) = parse_response_head(raw);
         let head = Bytes::copy_from_slice(&raw[..len]);
-        let (map, seen) = spans.into_map(&head, 0).expect("valid");
+        let map = spans.into_map(&head, 0);
         assert_eq!(
-            seen,
+            spans.seen(&head),
             Seen {
                 content_length: true,
                 connection: true,

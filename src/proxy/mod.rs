@@ -310,7 +310,7 @@ async fn forward(
 fn prefers_async(headers: &Headers) -> bool {
     headers
         .get_all(&PREFER)
-        .filter_map(|v| std::str::from_utf8(v).ok())
+        .filter_map(crate::wire::value_str)
         .any(|v| {
             v.split(',')
                 .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))

@@ -25,8 +25,8 @@
 use super::{BoxFuture, ClientRequest, Headers, PeerAddr, RequestHead, Target};
 use crate::wire::{
     chunk_size, content_length, has_token, has_token_in, header_slots, offsets,
-    push_content_length, write_all, CarriesHead, Chunk, Decoder, RawHead, Seen, Spans, Step,
-    MAX_HEADERS,
+    push_content_length, value_str, write_all, CarriesHead, Chunk, Decoder, RawHead, Seen, Spans,
+    Step, MAX_HEADERS,
 };
 use bytes::{Bytes, BytesMut};
 use http::header::{
@@ -175,9 +175,7 @@ fn framing(spans: &Spans, head: &[u8], seen: Seen, version: Version) -> Result<F
         let last = spans
             .values(head, "transfer-encoding")
             .next_back()
-            // (As `HeaderValue::to_str`: visible ASCII, spaces and tabs only.)
-            .filter(|v| v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
-            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(value_str)
             .and_then(|v| v.rsplit(',').next())
             .map(str::trim);
         return match last {
@@ -248,7 +246,7 @@ pub(super) async fn serve_connection<H, B>(
             }
         };
         let Head {
-            head: mut parts,
+            head: mut request_head,
             framing,
             keep_alive,
             expect_continue,
@@ -286,13 +284,13 @@ pub(super) async fn serve_connection<H, B>(
             // they live, and an idle connection holds none.
             buf = BytesMut::new();
         }
-        let is_head = parts.method == Method::HEAD;
-        let http10 = parts.version == Version::HTTP_10;
+        let is_head = request_head.method == Method::HEAD;
+        let http10 = request_head.version == Version::HTTP_10;
         if let Some(peer) = peer {
-            parts.extensions.insert(PeerAddr(peer));
+            request_head.extensions.insert(PeerAddr(peer));
         }
         let mut response = handler(ClientRequest {
-            head: parts,
+            head: request_head,
             body: http_body_util::Either::Right(body),
         });
         // The client is watched while this loop holds the reading half: from the start, or

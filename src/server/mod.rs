@@ -4,8 +4,8 @@
 //! ([`http1`]: no buffer while idle, no channel per request), HTTP/2 with prior knowledge by
 //! hyper's server, and a first read that is an incomplete HTTP/2 preface by hyper's
 //! auto-detecting one. Over TLS, hyper serves HTTP/2 or HTTP/1.1 as ALPN negotiated.
-//! Requests that arrived over TLS carry the [`Secure`] extension; handlers see one body type,
-//! [`ClientBody`], whichever server read the request.
+//! Requests that arrived over TLS carry the [`Secure`] extension; handlers see one request
+//! type, [`ClientRequest`] (its body a [`ClientBody`]), whichever server read the request.
 //!
 //! Cost per connection and per request is kept low (see `benches/README.md`): the handler's
 //! future is boxed per request, so an idle connection does not hold a slot the size of that

@@ -27,7 +27,8 @@ pub struct ClientRequest {
     pub body: ClientBody,
 }
 
-/// A request's head: `http::request::Parts` with [`Headers`] for the map.
+/// A request's head: `http::request::Parts` with a [`Target`] for the URI and [`Headers`]
+/// for the map.
 #[derive(Debug)]
 pub struct RequestHead {
     pub method: Method,
@@ -327,15 +328,7 @@ impl Headers {
         match self {
             Headers::Map(m) => m,
             Headers::Raw(r) => {
-                let mut map = HeaderMap::with_capacity(r.spans.len() + r.set.len());
-                for (n0, n1, v0, v1) in r.spans.offsets() {
-                    if let (Ok(name), Ok(value)) = (
-                        HeaderName::from_bytes(&r.head[n0..n1]),
-                        HeaderValue::from_maybe_shared(r.head.slice(v0..v1)),
-                    ) {
-                        map.append(name, value);
-                    }
-                }
+                let mut map = r.spans.into_map(&r.head, r.set.len());
                 for (name, value) in r.set {
                     map.insert(name, value);
                 }
@@ -379,9 +372,8 @@ fn write_pairs<'a>(
 
 impl RawHeaders {
     fn remove(&mut self, name: &HeaderName) {
-        self.spans.retain(&self.head, |n| {
-            !n.eq_ignore_ascii_case(name.as_str().as_bytes())
-        });
+        self.spans
+            .retain(&self.head, |n| !name_eq(n, name.as_str().as_bytes()));
         self.set.retain(|(n, _)| n != name);
     }
 }
