@@ -6,22 +6,28 @@
 #   benches/instructions.sh                       # this checkout's release build, 1 connection
 #   benches/instructions.sh --proxy-bin PATH      # another build
 #   benches/instructions.sh --conns 64 --secs 10 --top 40
+#   benches/instructions.sh --conns 256 --cache-sim   # also cache misses per request
 #
 # Starts the mock upstream and budget-proxy (embedded store, the shipped agents with budgets
 # that cannot run out) under callgrind, warms up for 3 s, zeroes the counters, drives
 # generateContent with wrk, dumps, and prints instructions per request and the functions
-# that cost the most. Installs valgrind and wrk from Debian when missing. Loopback only;
-# everything it started is stopped on exit.
+# that cost the most. With --cache-sim, callgrind also simulates the caches (of this
+# machine's sizes) and prints first-level instruction and data cache misses per request: a
+# request's code runs about once, so how much of it has to be fetched again is what its
+# layout costs (the PGO build's gain, see benches/README.md "Tenth round"). Installs
+# valgrind and wrk from Debian when missing. Loopback only; everything it started is
+# stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-proxy_bin="" conns=1 secs=10 top=25
+proxy_bin="" conns=1 secs=10 top=25 cache_sim=no
 while [ $# -gt 0 ]; do
     case "$1" in
         --proxy-bin) proxy_bin="$2"; shift 2 ;;
         --conns) conns="$2"; shift 2 ;;
         --secs) secs="$2"; shift 2 ;;
         --top) top="$2"; shift 2 ;;
+        --cache-sim) cache_sim=yes; shift ;;
         *) echo "unknown argument: $1 (see the top of $0)" >&2; exit 2 ;;
     esac
 done
@@ -52,7 +58,7 @@ PY
 mock_port=$(free_port) proxy_port=$(free_port) admin_port=$(free_port)
 "$TARGET_DIR/release/examples/mock-gemini" --port "$mock_port" >/dev/null &
 pids+=($!)
-BUDGET_PROXY_LOG=error valgrind --tool=callgrind --callgrind-out-file="$tmp/callgrind.out" \
+BUDGET_PROXY_LOG=error valgrind --tool=callgrind --cache-sim="$cache_sim" --callgrind-out-file="$tmp/callgrind.out" \
     "$proxy_bin" serve --config "$tmp/budgets.json" \
     --listen "127.0.0.1:$proxy_port" --admin-listen "127.0.0.1:$admin_port" \
     --upstream "http://127.0.0.1:$mock_port" --state-dir "$tmp/state" --watch-config false \
@@ -73,14 +79,29 @@ result=$(drive "$secs")
 callgrind_control -d "$proxy_pid" >/dev/null 2>&1
 requests=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["requests"])' "$result")
 dump=$(ls "$tmp"/callgrind.out.* | head -1)
-total=$(callgrind_annotate "$dump" 2>/dev/null | sed -n 's/^ *\([0-9,]*\) .*PROGRAM TOTALS.*/\1/p' | tr -d ,)
+total=$(sed -n 's/^summary: \([0-9]*\).*/\1/p' "$dump")
 
 echo "binary: $proxy_bin"
 echo "connections: $conns, $secs s under callgrind, $requests requests"
 python3 -c 'import sys; t,r=int(sys.argv[1]),int(sys.argv[2]); print(f"instructions per request: {t/r:,.0f} (whole process: runtime, store writer and all)")' "$total" "$requests"
+if [ "$cache_sim" = yes ]; then
+    python3 - "$dump" "$requests" <<'PY'
+import sys
+events = summary = None
+for line in open(sys.argv[1]):
+    if line.startswith("events:"):
+        events = line.split()[1:]
+    elif line.startswith("summary:"):
+        summary = [int(x) for x in line.split()[1:]]
+n = int(sys.argv[2])
+got = dict(zip(events, summary))
+print(f"first-level cache misses per request: instructions {got['I1mr'] / n:,.0f}, "
+      f"data reads {got['D1mr'] / n:,.0f}, data writes {got['D1mw'] / n:,.0f} (simulated)")
+PY
+fi
 echo
 echo "most instructions, own cost (per request):"
-callgrind_annotate --threshold=100 "$dump" 2>/dev/null \
+callgrind_annotate --show=Ir --sort=Ir --threshold=100 "$dump" 2>/dev/null \
     | sed -n '/file:function/,$p' | tail -n +3 \
     | grep -v -e 'clone.S:clone' -e 'pthread_create.c' -e 'thread_start' -e 'call_once{{vtable.shim}}' \
     | head -n "$top" \

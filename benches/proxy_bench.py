@@ -461,6 +461,8 @@ def main():
     ap.add_argument("--proxy-arg", action="append", default=[], help="extra budget-proxy flag")
     ap.add_argument("--baseline-bin", default=None,
                     help="another budget-proxy build, measured in the same run as 'baseline' (before/after)")
+    ap.add_argument("--proxy-label", default=None, help="what the budget-proxy build is (for the report)")
+    ap.add_argument("--baseline-label", default=None, help="what the baseline build is (for the report)")
     args = ap.parse_args()
     secs = args.duration or (3 if args.quick else 10)
     warm = 1
@@ -541,6 +543,9 @@ def main():
     print(f"budget-proxy benchmark: {secs} s per run, {args.rounds} round(s) (medians), wrk -t1, "
           f"POST generateContent, {len(BODY)}-byte body, {len(bench.agents)} agents by path prefix, "
           f"{os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}")
+    print(f"budget-proxy: {args.proxy_label or args.proxy_bin}")
+    if args.baseline_bin:
+        print(f"baseline: {args.baseline_label or args.baseline_bin}")
     hdr = (f"{'conns':>5} {'target':<13} {'req/s':>9} {'spread':>7} {'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} "
            f"{'errors':>7} {'CPU s/10k':>10} {'ctx sw/req':>10} {'peak RSS MiB':>13}")
     print(hdr)

@@ -1181,6 +1181,18 @@ impl MockGemini {
     /// ALPN offers `h2` and `http/1.1`; [`Received::version`] tells which one a request
     /// used. `url` is `https://127.0.0.1:port`. Panics on a bad certificate or key.
     pub async fn start_tls(cert_pem: &str, key_pem: &str) -> MockGemini {
+        Self::bind_tls(SocketAddr::from(([127, 0, 0, 1], 0)), cert_pem, key_pem)
+            .await
+            .expect("mock Gemini: bind 127.0.0.1:0")
+    }
+
+    /// [`MockGemini::start_tls`] on `addr` (the `mock-gemini` example's `--tls-cert`).
+    /// Panics on a bad certificate or key.
+    pub async fn bind_tls(
+        addr: SocketAddr,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> io::Result<MockGemini> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
@@ -1198,10 +1210,8 @@ impl MockGemini {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
 
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("mock Gemini: bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("mock Gemini: local address");
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
         let url = format!("https://{addr}");
         let state = Arc::new(State {
             url: url.clone(),
@@ -1211,13 +1221,13 @@ impl MockGemini {
         });
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(tls_accept_loop(listener, acceptor, state.clone(), rx));
-        MockGemini {
+        Ok(MockGemini {
             addr,
             url,
             state,
             task,
             _shutdown: tx,
-        }
+        })
     }
 
     /// TLS connections accepted so far (0 for a plain mock): with HTTP/2 one connection
