@@ -31,13 +31,13 @@ cargo build --release --quiet --bin budget-proxy
 cargo build --release --quiet --example mock-gemini
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 PROXY_BIN=$TARGET_DIR/release/budget-proxy
-labels=(--proxy-label "cargo build --release")
+labels=()
 if $pgo; then
     scripts/build-pgo.sh
     PROXY_BIN=$(pwd)/target/pgo/budget-proxy
     labels=(--proxy-label "PGO build (scripts/build-pgo.sh)")
     case " ${args[*]-} " in
-        *" --baseline-bin "*) ;;
+        *" --baseline-bin "* | *" --baseline-bin="*) ;;
         *) labels+=(--baseline-bin "$TARGET_DIR/release/budget-proxy" --baseline-label "cargo build --release") ;;
     esac
 fi
@@ -56,7 +56,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 python3 benches/proxy_bench.py \
-    --proxy-bin "$PROXY_BIN" "${labels[@]}" \
+    --proxy-bin "$PROXY_BIN" ${labels[@]+"${labels[@]}"} \
     --mock-bin "$TARGET_DIR/release/examples/mock-gemini" \
     --nginx "$NGINX" ${args[@]+"${args[@]}"} &
 py_pid=$!

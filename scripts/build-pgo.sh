@@ -8,7 +8,7 @@
 # not stay in the CPU's instruction cache between requests (callgrind's cache simulation at
 # 256 connections: ~900 first-level instruction-cache misses per request, nginx ~160). With a
 # profile of real traffic, LLVM lays the hot paths out together, moves cold blocks away and
-# inlines where calls are hot: ~300 misses and ~17 % fewer instructions per request
+# inlines where calls are hot: ~350 misses and ~17 % fewer instructions per request
 # (benches/README.md, "Tenth round").
 #
 # Steps: build an instrumented binary (target/pgo-gen), run it against the mock upstream
@@ -94,6 +94,7 @@ train() {
         "$GEN" serve --config "$TMP/budgets.json" --listen "127.0.0.1:$port" \
         --admin-listen "127.0.0.1:$admin" --state-dir "$TMP/state-$name" --watch-config false "$@" &
     local pid=$!
+    pids+=("$pid")
     wait_port "$port"
     local out
     for c in "${conns[@]}"; do
