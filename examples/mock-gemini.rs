@@ -50,7 +50,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         (None, None) => mock_gemini::MockGemini::bind(addr).await?,
         (Some(cert), Some(key)) => {
             let read = |p: &str| std::fs::read_to_string(p).map_err(|e| format!("{p}: {e}"));
-            mock_gemini::MockGemini::bind_tls(addr, &read(&cert)?, &read(&key)?).await?
+            mock_gemini::MockGemini::bind_tls(addr, &read(&cert)?, &read(&key)?)
+                .await
+                .map_err(|e| e.to_string())?
         }
         _ => return Err(format!("--tls-cert and --tls-key go together ({USAGE})").into()),
     };

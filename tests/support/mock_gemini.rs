@@ -1183,11 +1183,11 @@ impl MockGemini {
     pub async fn start_tls(cert_pem: &str, key_pem: &str) -> MockGemini {
         Self::bind_tls(SocketAddr::from(([127, 0, 0, 1], 0)), cert_pem, key_pem)
             .await
-            .expect("mock Gemini: bind 127.0.0.1:0")
+            .expect("mock Gemini: TLS on 127.0.0.1:0")
     }
 
-    /// [`MockGemini::start_tls`] on `addr` (the `mock-gemini` example's `--tls-cert`).
-    /// Panics on a bad certificate or key.
+    /// [`MockGemini::start_tls`] on `addr` (the `mock-gemini` example's `--tls-cert`). A
+    /// certificate or key that does not parse is an `InvalidInput` error naming which.
     pub async fn bind_tls(
         addr: SocketAddr,
         cert_pem: &str,
@@ -1195,18 +1195,25 @@ impl MockGemini {
     ) -> io::Result<MockGemini> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        fn invalid(what: &str, e: impl std::fmt::Display) -> io::Error {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("mock Gemini: {what}: {e}"),
+            )
+        }
         let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .expect("mock Gemini: certificate PEM");
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("mock Gemini: key PEM");
+            .map_err(|e| invalid("certificate PEM", e))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| invalid("key PEM", e))?;
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
-        .expect("mock Gemini: TLS versions")
+        .map_err(|e| invalid("TLS versions", e))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .expect("mock Gemini: certificate and key");
+        .map_err(|e| invalid("certificate and key", e))?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
 
