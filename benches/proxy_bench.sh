@@ -5,7 +5,7 @@
 #   benches/proxy_bench.sh --quick    # 3 s per run, for development
 #   benches/proxy_bench.sh --rounds 3 # every run three times, medians and spread
 #   benches/proxy_bench.sh --baseline-bin PATH  # another build in the same run (before/after)
-#   benches/proxy_bench.sh --pgo      # the PGO build (scripts/build-pgo.sh, ~12 more minutes),
+#   benches/proxy_bench.sh --pgo      # the PGO build (scripts/build-pgo.sh, ~11 more minutes),
 #                                     # with the plain release build as the baseline
 #
 # Builds the release binaries, installs nginx and wrk from Debian when missing, then runs

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The production build: budget-proxy compiled with profile-guided optimisation (PGO).
 #
-#   scripts/build-pgo.sh        # writes target/pgo/budget-proxy (about 12 minutes on 2 cores)
+#   scripts/build-pgo.sh        # writes target/pgo/budget-proxy (11 minutes on 2 cores after a release build)
 #
 # Why: a proxied request runs ~25–30k instructions spread over tokio, hyper, our server and
 # the usage scanner, each executed about once per request, so the code a request touches does
