@@ -98,7 +98,7 @@ train() {
     wait_port "$port"
     local out
     for c in "${conns[@]}"; do
-        out=$(wrk -t1 -c"$c" -d4s -s scripts/pgo_mix.lua "$scheme://127.0.0.1:$port" -- "$AGENTS" "$BODY")
+        out=$(wrk -t1 -c"$c" -d4s -s benches/wrk_report.lua "$scheme://127.0.0.1:$port" -- mix "$AGENTS" "$BODY")
         # A profile of refusals would train the wrong path.
         if grep -q -E "Non-2xx|Socket errors" <<<"$out"; then
             echo "build-pgo: training ($name, $c connections) got errors:" >&2
