@@ -189,8 +189,8 @@ fn finish(
     };
     let m = &shared.metrics;
     match &trace.budget_headers {
-        Some(h) => m.request(h.agent_id.clone(), h.action, resp.status().as_u16()),
-        None => m.request(Arc::from(""), "none", resp.status().as_u16()),
+        Some(h) => m.request(Some(&h.agent_id), h.action, resp.status().as_u16()),
+        None => m.request(None, "none", resp.status().as_u16()),
     }
     if trace.upstream_wait > Duration::ZERO {
         crate::metrics::Metrics::observe(&m.upstream_latency, trace.upstream_wait);
