@@ -604,7 +604,12 @@ pub(crate) async fn dispatch(
     }
 
     // Build the upstream request.
-    let public_base = public_base(&parts, ident.prefix_len);
+    // Only an upload's start is answered with an `x-goog-upload-url` to rewrite
+    // (`POST /upload/{version}/files`); the other requests skip reading the client's host
+    // and scheme (~400 instructions).
+    let public_base = path
+        .starts_with("/upload/")
+        .then(|| public_base(&parts, ident.prefix_len));
     let substituted;
     let query = match (ident.substitute_key, query) {
         (Some(KeyPlace::Query), Some(q)) => {
@@ -682,7 +687,9 @@ pub(crate) async fn dispatch(
             if let Some(h) = trace.budget_headers.as_ref() {
                 h.apply(&mut rparts.headers);
             }
-            rewrite_upload_url(&mut rparts.headers, &public_base, full_path);
+            if let Some(base) = &public_base {
+                rewrite_upload_url(&mut rparts.headers, base, full_path);
+            }
         }
     }
     let meter = reservation.map(|r| Meter::new(r, model, shared.clone()));

@@ -436,7 +436,9 @@ impl Pool {
     /// Close connections unused for `--upstream-idle-timeout`: a task of the runtime that
     /// made the pool's first connection, which ends with the pool.
     fn start_sweeper(self: &Arc<Self>) {
-        if self.sweeping.swap(true, Ordering::Relaxed) {
+        // Read first: every response's `put` comes here, and a swap is an atomic
+        // read-modify-write even when the sweeper already runs.
+        if self.sweeping.load(Ordering::Relaxed) || self.sweeping.swap(true, Ordering::Relaxed) {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
