@@ -645,12 +645,14 @@ pub(crate) async fn dispatch(
         body,
     };
 
+    // One clock reading for the timeout's deadline, the upstream wait and the pool's idle
+    // check (a request reads the clock about nine times, ~30 ns each here).
     let sent_at = std::time::Instant::now();
-    let sent = tokio::time::timeout(
-        shared.settings.upstream_timeout,
+    let sent = tokio::time::timeout_at(
+        tokio::time::Instant::from_std(sent_at) + shared.settings.upstream_timeout,
         // Boxed: the upstream exchange (~1 KiB) would be part of this future, which is
         // moved whole into its caller's state on every request.
-        boxed!(shared.client.request(&mut upstream_req)),
+        boxed!(shared.client.request(&mut upstream_req, sent_at)),
     )
     .await;
     trace.upstream_wait = sent_at.elapsed();

@@ -192,11 +192,14 @@ impl UpstreamClient {
     ///
     /// Takes the request by reference (an async fn's arguments are copied into its state
     /// again when it starts, and the request is 224 bytes); a body known in full stays in it.
+    /// `now` is the caller's clock reading as it sends (idle connections are checked
+    /// against it rather than against a reading of their own).
     pub fn request<'a>(
         &self,
         req: &'a mut UpstreamRequest,
+        now: Instant,
     ) -> impl Future<Output = Result<http::Response<UpstreamBody>, UpstreamError>> + Send + 'a {
-        self.pool().send(req)
+        self.pool().send(req, now)
     }
 
     fn pool(&self) -> Arc<Pool> {
@@ -316,12 +319,13 @@ impl Pool {
     async fn send(
         self: Arc<Self>,
         req: &mut UpstreamRequest,
+        now: Instant,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         // After a pooled connection refused the request, the retry goes on a fresh one: at
         // most two attempts, whatever state the pool is in.
         let mut fresh_only = false;
         loop {
-            let pooled = if fresh_only { None } else { self.checkout() };
+            let pooled = if fresh_only { None } else { self.checkout(now) };
             let (conn, reused) = match pooled {
                 Some(conn) => (conn, true),
                 // Boxed: connecting (TLS, HTTP/2 handshake) is a large future, and rare.
@@ -360,10 +364,9 @@ impl Pool {
         }
     }
 
-    /// A connection that can take a request now: the HTTP/2 one, else the most recently
+    /// A connection that can take a request `now`: the HTTP/2 one, else the most recently
     /// used idle HTTP/1.1 one. Closed and expired connections met on the way are dropped.
-    fn checkout(&self) -> Option<Conn> {
-        let now = Instant::now();
+    fn checkout(&self, now: Instant) -> Option<Conn> {
         let mut st = lock(&self.state);
         if let Some((conn, used)) = st.h2.as_mut() {
             if !conn.is_closed() {
