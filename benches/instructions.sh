@@ -7,6 +7,7 @@
 #   benches/instructions.sh --proxy-bin PATH      # another build
 #   benches/instructions.sh --conns 64 --secs 10 --top 40
 #   benches/instructions.sh --conns 256 --cache-sim   # also cache misses per request
+#   benches/instructions.sh --conns 256 --atomics     # also atomic read-modify-writes
 #
 # Starts the mock upstream and budget-proxy (embedded store, the shipped agents with budgets
 # that cannot run out) under callgrind, warms up for 3 s, zeroes the counters, drives
@@ -14,13 +15,16 @@
 # that cost the most. With --cache-sim, callgrind also simulates the caches (of this
 # machine's sizes) and prints first-level instruction and data cache misses per request: a
 # request's code runs about once, so how much of it has to be fetched again is what its
-# layout costs (the PGO build's gain, see benches/README.md "Tenth round"). Installs
+# layout costs (the PGO build's gain, see benches/README.md "Tenth round"). With --atomics,
+# it counts the lock-prefixed instructions (atomic read-modify-writes: each one a full
+# barrier, and a cache line taken from the other core when that core wrote it last) that a
+# request executes, and where they are ("Eleventh round"). Installs
 # valgrind and wrk from Debian when missing. Loopback only; everything it started is
 # stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-proxy_bin="" conns=1 secs=10 top=25 cache_sim=no
+proxy_bin="" conns=1 secs=10 top=25 cache_sim=no atomics=no
 while [ $# -gt 0 ]; do
     case "$1" in
         --proxy-bin) proxy_bin="$2"; shift 2 ;;
@@ -28,12 +32,14 @@ while [ $# -gt 0 ]; do
         --secs) secs="$2"; shift 2 ;;
         --top) top="$2"; shift 2 ;;
         --cache-sim) cache_sim=yes; shift ;;
+        --atomics) atomics=yes; shift ;;
         *) echo "unknown argument: $1 (see the top of $0)" >&2; exit 2 ;;
     esac
 done
 
 . benches/lib.sh
 install_missing valgrind:valgrind wrk:wrk
+[ "$atomics" = no ] || install_missing objdump:binutils addr2line:binutils
 
 echo "building (release)" >&2
 cargo build --release --quiet --example mock-gemini
@@ -58,7 +64,8 @@ PY
 mock_port=$(free_port) proxy_port=$(free_port) admin_port=$(free_port)
 "$TARGET_DIR/release/examples/mock-gemini" --port "$mock_port" >/dev/null &
 pids+=($!)
-BUDGET_PROXY_LOG=error valgrind --tool=callgrind --cache-sim="$cache_sim" --callgrind-out-file="$tmp/callgrind.out" \
+BUDGET_PROXY_LOG=error valgrind --tool=callgrind --cache-sim="$cache_sim" --dump-instr="$atomics" \
+    --callgrind-out-file="$tmp/callgrind.out" \
     "$proxy_bin" serve --config "$tmp/budgets.json" \
     --listen "127.0.0.1:$proxy_port" --admin-listen "127.0.0.1:$admin_port" \
     --upstream "http://127.0.0.1:$mock_port" --state-dir "$tmp/state" --watch-config false \
@@ -97,6 +104,62 @@ n = int(sys.argv[2])
 got = dict(zip(events, summary))
 print(f"first-level cache misses per request: instructions {got['I1mr'] / n:,.0f}, "
       f"data reads {got['D1mr'] / n:,.0f}, data writes {got['D1mw'] / n:,.0f} (simulated)")
+PY
+fi
+if [ "$atomics" = yes ]; then
+    # Addresses of the binary's lock-prefixed instructions (and xchg with memory, locked
+    # implicitly), matched with callgrind's per-instruction counts.
+    objdump -d --no-show-raw-insn "$proxy_bin" \
+        | sed -n 's/^ *\([0-9a-f]*\):\s*\(lock \|xchg .*(\).*/\1/p' >"$tmp/locked"
+    python3 - "$dump" "$requests" "$proxy_bin" "$tmp/locked" <<'PY'
+import collections, os, re, subprocess, sys
+dump, n, binary, locked = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+lock_at = {int(a, 16) for a in open(locked) if a.strip()}
+names, objs = {}, {}
+def name(table, s):
+    m = re.match(r"\((\d+)\)(?: (.*))?", s)
+    if not m:
+        return s
+    if m.group(2) is not None:
+        table[m.group(1)] = m.group(2)
+    return table.get(m.group(1), s)
+runs = collections.Counter()
+addr, skip, obj = 0, False, ""
+for line in open(dump):
+    line = line.rstrip("\n")
+    if line.startswith("ob="):
+        obj = name(objs, line[3:])
+    elif line.startswith("cob="):
+        name(objs, line[4:])
+    elif line.startswith(("fn=", "cfn=")):
+        name(names, line.split("=", 1)[1])
+    elif line.startswith("calls="):
+        skip = True
+    elif line and (line[0].isdigit() or line[0] in "+-*"):
+        p = line.split()
+        a = p[0]
+        if a.startswith("0x"):
+            addr = int(a, 16)
+        elif a[0] in "+-":
+            addr += int(a, 16)
+        elif a != "*":
+            addr = int(a, 16)
+        if skip:
+            skip = False
+        elif len(p) > 2 and os.path.basename(obj) == os.path.basename(binary) and addr in lock_at:
+            runs[addr] += int(p[2])
+print(f"atomic read-modify-writes per request (lock-prefixed, in the binary): {sum(runs.values()) / n:.1f}")
+top = [(c, a) for a, c in runs.most_common() if c / n >= 0.5]
+if top:
+    out = subprocess.run(["addr2line", "-a", "-i", "-e", binary] + [hex(a) for _, a in top],
+                         capture_output=True, text=True).stdout
+    where = {}
+    for block in re.split(r"\n(?=0x[0-9a-f]+\n)", out.strip()):
+        lines = block.split("\n")
+        frames = [os.path.basename(l.split(" ")[0]) for l in lines[1:]]
+        where[int(lines[0], 16)] = " < ".join(frames[:6])
+    for c, a in top:
+        print(f"{c / n:6.2f}  {where.get(a, hex(a))}")
 PY
 fi
 echo
