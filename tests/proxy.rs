@@ -490,6 +490,22 @@ async fn dead_upstream_is_502_and_slow_upstream_is_504() {
 }
 
 #[tokio::test]
+async fn an_upstream_timeout_too_large_for_the_clock_is_no_timeout() {
+    // `--upstream-timeout 18446744073709551615`: the deadline cannot be added to the clock.
+    let h = Harness::start_with(
+        CONFIG,
+        std::sync::Arc::new(budget_proxy::clock::SystemClock),
+        |o| {
+            o.upstream_timeout = Duration::from_secs(u64::MAX);
+        },
+    )
+    .await;
+    let r = h.generate("sage").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(h.mock.request_count(), 1);
+}
+
+#[tokio::test]
 async fn cut_stream_records_the_last_usage_seen() {
     let h = Harness::start(CONFIG).await;
     h.mock.set_behavior(

@@ -648,8 +648,14 @@ pub(crate) async fn dispatch(
     // One clock reading for the timeout's deadline, the upstream wait and the pool's idle
     // check (a request reads the clock about nine times, ~30 ns each here).
     let sent_at = std::time::Instant::now();
+    let sent_at_tokio = tokio::time::Instant::from_std(sent_at);
+    // A timeout too large to add to the clock is no timeout (as `tokio::time::timeout`
+    // has it): 30 years.
+    let deadline = sent_at_tokio
+        .checked_add(shared.settings.upstream_timeout)
+        .unwrap_or_else(|| sent_at_tokio + Duration::from_secs(30 * 365 * 86_400));
     let sent = tokio::time::timeout_at(
-        tokio::time::Instant::from_std(sent_at) + shared.settings.upstream_timeout,
+        deadline,
         // Boxed: the upstream exchange (~1 KiB) would be part of this future, which is
         // moved whole into its caller's state on every request.
         boxed!(shared.client.request(&mut upstream_req, sent_at)),
