@@ -468,7 +468,7 @@ mod tests {
     }
 
     #[test]
-    fn counters_add_up_every_thread_s_cells() {
+    fn counters_add_up_the_cells_of_every_thread() {
         let m = Metrics::default();
         let agents: Vec<Arc<str>> = vec![Arc::from("sage"), Arc::from("scout")];
         // Eight threads, each counting both agents: every key gets a cell per thread.
