@@ -187,7 +187,8 @@ fn bump<const N: usize>(cells: &Cells<N>, n: [u64; N]) {
 }
 
 /// A latency histogram, each thread counting in a stripe of its own (no lock, no atomic
-/// read-modify-write on the request path), encoded as a Prometheus histogram. Buckets as `prometheus_client`'s `exponential_buckets`, plus +Inf.
+/// read-modify-write on the request path), encoded as a Prometheus histogram. Buckets as
+/// `prometheus_client`'s `exponential_buckets`, plus +Inf.
 #[derive(Debug, Clone)]
 pub struct Histogram {
     inner: Arc<HistogramInner>,
@@ -424,6 +425,16 @@ pub fn encode_counter(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::registry::Registry;
+
+    /// Assert that `registry`, encoded as the scrape does, has each of `lines`.
+    fn assert_scraped(registry: &Registry, lines: &[&str]) {
+        let mut text = String::new();
+        assert!(prometheus_client::encoding::text::encode(&mut text, registry).is_ok());
+        for line in lines {
+            assert!(text.lines().any(|l| l == *line), "{line:?} not in:\n{text}");
+        }
+    }
 
     #[test]
     fn a_histogram_counts_the_observations_of_every_thread() {
@@ -439,22 +450,21 @@ mod tests {
                 });
             }
         });
-        let mut registry = prometheus_client::registry::Registry::default();
+        let mut registry = Registry::default();
         registry.register("lat", "latency", h);
-        let mut text = String::new();
-        assert!(prometheus_client::encoding::text::encode(&mut text, &registry).is_ok());
         // 100 × (0 + 1 + … + 9) ms = 4.5 s; buckets ≤ 1, 2, 4, 8 ms and +Inf.
-        for line in [
-            "lat_sum 4.5",
-            "lat_count 1000",
-            "lat_bucket{le=\"0.001\"} 200",
-            "lat_bucket{le=\"0.002\"} 300",
-            "lat_bucket{le=\"0.004\"} 500",
-            "lat_bucket{le=\"0.008\"} 900",
-            "lat_bucket{le=\"+Inf\"} 1000",
-        ] {
-            assert!(text.lines().any(|l| l == line), "{line:?} not in:\n{text}");
-        }
+        assert_scraped(
+            &registry,
+            &[
+                "lat_sum 4.5",
+                "lat_count 1000",
+                "lat_bucket{le=\"0.001\"} 200",
+                "lat_bucket{le=\"0.002\"} 300",
+                "lat_bucket{le=\"0.004\"} 500",
+                "lat_bucket{le=\"0.008\"} 900",
+                "lat_bucket{le=\"+Inf\"} 1000",
+            ],
+        );
     }
 
     /// The counters as the admin port's collector encodes them.
@@ -485,11 +495,11 @@ mod tests {
                 });
             }
         });
-        let mut registry = prometheus_client::registry::Registry::default();
+        let mut registry = Registry::default();
         registry.register_collector(Box::new(Scrape(m)));
-        let mut text = String::new();
-        assert!(prometheus_client::encoding::text::encode(&mut text, &registry).is_ok());
-        for line in [
+        assert_scraped(
+            &registry,
+            &[
             "budget_proxy_requests_total{agent=\"sage\",action=\"allow\",status=\"200\"} 4000",
             "budget_proxy_requests_total{agent=\"scout\",action=\"allow\",status=\"200\"} 4000",
             "budget_proxy_requests_total{agent=\"\",action=\"none\",status=\"404\"} 8",
@@ -499,8 +509,7 @@ mod tests {
             // Thread t adds t cached tokens a request: 500 × (0 + 1 + … + 7).
             "budget_proxy_tokens_total{agent=\"sage\",model=\"gemini-2.5-flash\",kind=\"cached\"} 14000",
             "budget_proxy_tokens_total{agent=\"scout\",model=\"gemini-2.5-flash\",kind=\"total\"} 120000",
-        ] {
-            assert!(text.lines().any(|l| l == line), "{line:?} not in:\n{text}");
-        }
+            ],
+        );
     }
 }
