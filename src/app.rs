@@ -145,6 +145,7 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
         upstream::Timeouts {
             connect: opts.connect_timeout,
             idle: opts.upstream_idle_timeout,
+            response: opts.upstream_timeout,
         },
     )?;
     let gemini_api_key = match &opts.gemini_api_key {

@@ -1,5 +1,6 @@
 //! The real binary: counters survive SIGTERM (graceful: drain + flush) and `kill -9`
-//! (at most one flush interval lost; here we wait for the flush first).
+//! (at most one flush interval lost; here we wait for the flush first); its I/O threads
+//! keep the upstream timeout.
 #![allow(clippy::unwrap_used)]
 
 #[path = "support/mock_gemini.rs"]
@@ -26,6 +27,10 @@ struct Proxy {
 }
 
 async fn spawn(dir: &Path, upstream: &str) -> Proxy {
+    spawn_with(dir, upstream, &[]).await
+}
+
+async fn spawn_with(dir: &Path, upstream: &str, extra: &[&str]) -> Proxy {
     let mut child = Command::new(env!("CARGO_BIN_EXE_budget-proxy"))
         .arg("serve")
         .arg("--config")
@@ -41,6 +46,7 @@ async fn spawn(dir: &Path, upstream: &str) -> Proxy {
             "--flush-interval-ms",
             "50",
         ])
+        .args(extra)
         .env("BUDGET_PROXY_ADMIN_TOKEN", TOKEN)
         .env_remove("GEMINI_API_KEY")
         .stdout(Stdio::null())
@@ -180,6 +186,40 @@ async fn counters_survive_sigterm_including_a_stream_in_flight() {
     sigterm(p).await;
     let p = spawn(dir.path(), &mock.url).await;
     assert_eq!(counters(&status(&p).await), counters(&after));
+    sigterm(p).await;
+}
+
+/// The binary serves the proxy port on I/O threads, each with an upstream pool of its own
+/// and that pool's timer for the upstream timeout (`proxy::deadline`): a request with no
+/// response head in time is answered 504 on every thread, and the next one goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_timeout_holds_on_every_io_thread() {
+    let mock =
+        MockGemini::start_with(Behavior::new().delay_before_headers(Duration::from_secs(30))).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("budgets.json"), CONFIG).unwrap();
+    let p = spawn_with(
+        dir.path(),
+        &mock.url,
+        &["--upstream-timeout", "1", "--io-threads", "2"],
+    )
+    .await;
+    // Two connections (a client each): the threads take connections in turn.
+    let (a, b) = tokio::join!(generate(&p, false), generate(&p, true));
+    for r in [a, b] {
+        assert_eq!(r.status(), 504);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["status"], "DEADLINE_EXCEEDED");
+    }
+    mock.set_behavior(Behavior::new().usage(5, 6, 0));
+    for _ in 0..2 {
+        let r = generate(&p, false).await;
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await.unwrap();
+    }
+    let s = status(&p).await;
+    assert_eq!(s["used_tokens"], 2 * 11);
+    assert_eq!(s["reserved_tokens"], 0);
     sigterm(p).await;
 }
 

@@ -2,6 +2,7 @@
 //! (rewriting the model on degrade), and meter the response as it streams back.
 
 pub mod body;
+mod deadline;
 pub mod h1client;
 pub mod jobs;
 pub mod metered;
@@ -25,7 +26,7 @@ use http::{HeaderMap, Response};
 use metered::{Meter, MeteredBody};
 use std::sync::Arc;
 use std::time::Duration;
-use upstream::{Upstream, UpstreamClient, UpstreamRequest};
+use upstream::{Upstream, UpstreamClient, UpstreamError, UpstreamRequest};
 
 /// Tunables of the proxy port.
 #[derive(Debug, Clone)]
@@ -646,36 +647,26 @@ pub(crate) async fn dispatch(
     };
 
     // One clock reading for the timeout's deadline, the upstream wait and the pool's idle
-    // check (a request reads the clock about nine times, ~30 ns each here).
+    // check (a request reads the clock about nine times, ~30 ns each here). The pool keeps
+    // the upstream timeout (`proxy::deadline`).
     let sent_at = std::time::Instant::now();
-    let sent_at_tokio = tokio::time::Instant::from_std(sent_at);
-    // A timeout too large to add to the clock is no timeout (as `tokio::time::timeout`
-    // has it): 30 years.
-    let deadline = sent_at_tokio
-        .checked_add(shared.settings.upstream_timeout)
-        .unwrap_or_else(|| sent_at_tokio + Duration::from_secs(30 * 365 * 86_400));
-    let sent = tokio::time::timeout_at(
-        deadline,
-        // Boxed: the upstream exchange (~1 KiB) would be part of this future, which is
-        // moved whole into its caller's state on every request.
-        boxed!(shared.client.request(&mut upstream_req, sent_at)),
-    )
-    .await;
+    // (The pool boxes the exchange: see `Pool::send`.)
+    let sent = shared.client.request(&mut upstream_req, sent_at).await;
     trace.upstream_wait = sent_at.elapsed();
     let resp = match sent {
-        Err(_) => {
+        Err(UpstreamError::Timeout) => {
             return Err(ProxyError::UpstreamTimeout {
                 upstream: shared.upstream.display.clone(),
                 secs: shared.settings.upstream_timeout.as_secs(),
             })
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             return Err(ProxyError::UpstreamUnreachable {
                 upstream: shared.upstream.display.clone(),
                 reason: error_chain(&e),
             })
         }
-        Ok(Ok(sent)) => sent,
+        Ok(sent) => sent,
     };
 
     let (mut rparts, mut rbody) = resp.into_parts();

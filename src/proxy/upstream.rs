@@ -22,7 +22,9 @@
 //! (tests, other runtimes) one pool is shared.
 
 use super::body::RequestBody;
+use super::deadline::Deadlines;
 use super::h1client::{H1Body, H1Conn};
+use crate::boxed;
 use crate::server::Headers;
 use anyhow::Context as _;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -162,7 +164,7 @@ pub struct UpstreamClient {
     shared: Arc<Pool>,
     /// What the per-thread pools are built from (same connector, same settings).
     connector: Connector,
-    idle: Duration,
+    timeouts: Timeouts,
     upstream: Upstream,
     /// Tells this client's per-thread pools apart from other clients' (tests run several).
     id: u64,
@@ -211,7 +213,7 @@ impl UpstreamClient {
             if let Some((_, pool)) = pools.iter().find(|(id, _)| *id == self.id) {
                 return pool.clone();
             }
-            let pool = Pool::new(self.connector.clone(), self.idle, self.upstream.clone());
+            let pool = Pool::new(self.connector.clone(), self.timeouts, self.upstream.clone());
             pools.push((self.id, pool.clone()));
             pool
         })
@@ -230,6 +232,9 @@ pub enum UpstreamError {
     /// The request failed on the connection (closed, reset, malformed response).
     #[error("request failed")]
     Send(#[source] BoxError),
+    /// No response head within `--upstream-timeout`.
+    #[error("no response within the upstream timeout")]
+    Timeout,
     /// The upstream URL could not be made for HTTP/2 (a target that is not valid in a URI:
     /// see [`UpstreamRequest::target`]).
     #[error("cannot build the upstream URL")]
@@ -270,6 +275,10 @@ pub struct Pool {
     upstream: Upstream,
     /// The idle sweeper is started with the first connection.
     sweeping: AtomicBool,
+    /// `--upstream-timeout`: how long a request waits for its response head.
+    response_timeout: Duration,
+    /// The requests waiting for their response head, and their timer.
+    deadlines: Deadlines,
 }
 
 #[derive(Default)]
@@ -306,18 +315,38 @@ fn lock(state: &Mutex<PoolState>) -> std::sync::MutexGuard<'_, PoolState> {
 }
 
 impl Pool {
-    fn new(connector: Connector, idle_timeout: Duration, upstream: Upstream) -> Arc<Self> {
+    fn new(connector: Connector, timeouts: Timeouts, upstream: Upstream) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(PoolState::default()),
             connector,
-            idle_timeout,
+            idle_timeout: timeouts.idle,
             upstream,
             sweeping: AtomicBool::new(false),
+            response_timeout: timeouts.response,
+            deadlines: Deadlines::new(timeouts.response),
         })
     }
 
+    /// Send `req` and wait for its response head, for `--upstream-timeout` from `now` at
+    /// most. A timeout too large to add to the clock is none (as `tokio::time::timeout`
+    /// has it).
     async fn send(
         self: Arc<Self>,
+        req: &mut UpstreamRequest,
+        now: Instant,
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
+        let at = now.checked_add(self.response_timeout);
+        // Boxed: the exchange (~1 KiB) is written into its box once, and this future stays
+        // small (it is moved whole into its caller's state).
+        let attempt = boxed!(self.attempt(req, now));
+        self.deadlines
+            .within(at, attempt)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout))
+    }
+
+    async fn attempt(
+        self: &Arc<Self>,
         req: &mut UpstreamRequest,
         now: Instant,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
@@ -350,7 +379,7 @@ impl Pool {
                 }
                 Conn::H1(conn) => {
                     let host = self.upstream.host_header.as_ref();
-                    match conn.send(req, host, &self).await {
+                    match conn.send(req, host, self).await {
                         Ok(resp) => return Ok(resp.map(Either::Left)),
                         // A pooled connection the upstream had closed, met on the write:
                         // the request did not go out (a body known in full stayed in
@@ -495,6 +524,7 @@ impl Pool {
         Ok(req)
     }
 }
+
 /// Timeouts of the upstream client.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -502,6 +532,8 @@ pub struct Timeouts {
     pub connect: Duration,
     /// How long an unused pooled connection is kept (`--upstream-idle-timeout`).
     pub idle: Duration,
+    /// How long a request waits for its response head (`--upstream-timeout`).
+    pub response: Duration,
 }
 
 /// Build the client of `upstream`: webpki roots plus `extra_ca` (PEM), ALPN h2 then
@@ -556,9 +588,9 @@ pub fn client(
         timeout: timeouts.connect,
     };
     Ok(UpstreamClient {
-        shared: Pool::new(connector.clone(), timeouts.idle, upstream.clone()),
+        shared: Pool::new(connector.clone(), timeouts, upstream.clone()),
         connector,
-        idle: timeouts.idle,
+        timeouts,
         upstream: upstream.clone(),
         id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
     })
