@@ -119,27 +119,26 @@ impl State {
                 f
             }
         };
-        match after {
-            NIL => self.head = i,
-            a => self.nodes[idx(a)].next = i,
-        }
-        match next {
-            NIL => self.tail = i,
-            n => self.nodes[idx(n)].prev = i,
-        }
+        self.join(after, i);
+        self.join(i, next);
         i
     }
 
     /// Take node `i` out of the list (it stays the request's).
     fn unlink(&mut self, i: u32) {
         let Node { prev, next, .. } = self.nodes[idx(i)];
-        match prev {
-            NIL => self.head = next,
-            p => self.nodes[idx(p)].next = next,
+        self.join(prev, next);
+    }
+
+    /// Make `b` follow `a` (`NIL` for `a`: `b` is the head; for `b`: `a` is the tail).
+    fn join(&mut self, a: u32, b: u32) {
+        match a {
+            NIL => self.head = b,
+            a => self.nodes[idx(a)].next = b,
         }
-        match next {
-            NIL => self.tail = prev,
-            n => self.nodes[idx(n)].prev = prev,
+        match b {
+            NIL => self.tail = a,
+            b => self.nodes[idx(b)].prev = a,
         }
     }
 
