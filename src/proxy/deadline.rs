@@ -111,6 +111,7 @@ impl State {
         let i = match self.free {
             NIL => {
                 self.nodes.push(node);
+                // (Memory runs out long before 2^32 requests are in flight.)
                 u32::try_from(self.nodes.len() - 1).unwrap_or(NIL)
             }
             f => {

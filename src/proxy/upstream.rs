@@ -3,7 +3,9 @@
 //! The client offers ALPN `h2` then `http/1.1`: against Google every request of a pool
 //! shares one HTTP/2 connection (multiplexed streams); an upstream without h2 gets pooled
 //! HTTP/1.1 keep-alive connections. TCP connect plus TLS handshake are bounded by
-//! `--connect-timeout`, idle pooled connections are closed after `--upstream-idle-timeout`.
+//! `--connect-timeout`, idle pooled connections are closed after `--upstream-idle-timeout`,
+//! and a request waits `--upstream-timeout` at most for its response head (one timer per
+//! pool for all its requests: `proxy::deadline`).
 //! A certificate the client rejects fails the connect with an error naming the reason
 //! (e.g. `invalid peer certificate: UnknownIssuer`) and a hint about `--upstream-ca`; the
 //! proxy turns it into a 502.
@@ -345,6 +347,8 @@ impl Pool {
             .unwrap_or(Err(UpstreamError::Timeout))
     }
 
+    /// `send` without the timeout: on a pooled connection, or on a fresh one (also when a
+    /// pooled one turns out closed before the request went out).
     async fn attempt(
         self: &Arc<Self>,
         req: &mut UpstreamRequest,
