@@ -357,6 +357,7 @@ async fn timer(state: Weak<Mutex<State>>, horizon: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
 
     const LONG: Duration = Duration::from_secs(600);
 
@@ -422,7 +423,7 @@ mod tests {
         let waiting = d.within(Some(Instant::now() + LONG), rx);
         let mut waiting = pin!(waiting);
         // Polled once: pending, so it is in the map.
-        assert!(futures_poll_once(waiting.as_mut()).await.is_none());
+        assert!(poll_once(waiting.as_mut()).await.is_none());
         assert_eq!(d.waiting(), 1);
         tx.send(7).expect("receiver alive");
         assert_eq!(waiting.await, Some(Ok(7)));
@@ -435,7 +436,7 @@ mod tests {
         {
             let waiting = d.within(Some(Instant::now() + LONG), std::future::pending::<()>());
             let mut waiting = pin!(waiting);
-            assert!(futures_poll_once(waiting.as_mut()).await.is_none());
+            assert!(poll_once(waiting.as_mut()).await.is_none());
             assert_eq!(d.waiting(), 1);
         }
         assert_eq!(d.waiting(), 0);
@@ -529,7 +530,7 @@ mod tests {
     }
 
     /// Poll `fut` once: its output if it is ready.
-    async fn futures_poll_once<F: Future + Unpin>(mut fut: F) -> Option<F::Output> {
+    async fn poll_once<F: Future + Unpin>(mut fut: F) -> Option<F::Output> {
         poll_fn(|cx| {
             Poll::Ready(match Pin::new(&mut fut).poll(cx) {
                 Poll::Ready(v) => Some(v),
@@ -538,6 +539,4 @@ mod tests {
         })
         .await
     }
-
-    use std::pin::Pin;
 }
