@@ -450,11 +450,12 @@ async fn upstream_errors_pass_through_and_charge_nothing() {
 
 #[tokio::test]
 async fn dead_upstream_is_502_and_slow_upstream_is_504() {
-    // Port of a listener that was closed: connection refused.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // A port bound but not listening: connection refused. The socket keeps the port taken
+    // for the whole test (a listener closed at once let another test's server take its port,
+    // which then answered).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead = socket.local_addr().unwrap();
     let h = Harness::start_with(
         CONFIG,
         std::sync::Arc::new(budget_proxy::clock::SystemClock),
