@@ -316,9 +316,9 @@ async fn timer(state: Weak<Mutex<State>>, horizon: Duration) {
                 due.extend(st.nodes[idx(i)].waker.take());
             }
             let next = match st.head {
+                // Requests came since the last look: more will, none due before this.
                 NIL if st.busy => now.checked_add(horizon),
                 NIL => None,
-                // Requests came since the last look: more will, none due before this.
                 h => Some(st.nodes[idx(h)].at),
             };
             st.busy = false;
