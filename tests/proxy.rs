@@ -456,13 +456,9 @@ async fn dead_upstream_is_502_and_slow_upstream_is_504() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let dead = socket.local_addr().unwrap();
-    let h = Harness::start_with(
-        CONFIG,
-        std::sync::Arc::new(budget_proxy::clock::SystemClock),
-        |o| {
-            o.upstream = format!("http://{dead}");
-        },
-    )
+    let h = Harness::start_tweaked(CONFIG, |o| {
+        o.upstream = format!("http://{dead}");
+    })
     .await;
     let r = h.generate("sage").await;
     assert_eq!(r.status(), 502);
@@ -474,13 +470,9 @@ async fn dead_upstream_is_502_and_slow_upstream_is_504() {
         .contains(&dead.to_string()));
     assert_eq!(h.status("sage").await["reserved_tokens"], 0);
 
-    let h = Harness::start_with(
-        CONFIG,
-        std::sync::Arc::new(budget_proxy::clock::SystemClock),
-        |o| {
-            o.upstream_timeout = Duration::from_millis(200);
-        },
-    )
+    let h = Harness::start_tweaked(CONFIG, |o| {
+        o.upstream_timeout = Duration::from_millis(200);
+    })
     .await;
     h.mock
         .set_behavior(Behavior::new().delay_before_headers(Duration::from_secs(3)));
@@ -493,13 +485,9 @@ async fn dead_upstream_is_502_and_slow_upstream_is_504() {
 #[tokio::test]
 async fn an_upstream_timeout_too_large_for_the_clock_is_no_timeout() {
     // `--upstream-timeout 18446744073709551615`: the deadline cannot be added to the clock.
-    let h = Harness::start_with(
-        CONFIG,
-        std::sync::Arc::new(budget_proxy::clock::SystemClock),
-        |o| {
-            o.upstream_timeout = Duration::from_secs(u64::MAX);
-        },
-    )
+    let h = Harness::start_tweaked(CONFIG, |o| {
+        o.upstream_timeout = Duration::from_secs(u64::MAX);
+    })
     .await;
     let r = h.generate("sage").await;
     assert_eq!(r.status(), 200);
@@ -725,13 +713,9 @@ async fn http2_prior_knowledge_clients_are_served() {
 
 #[tokio::test]
 async fn body_over_the_limit_is_413() {
-    let h = Harness::start_with(
-        CONFIG,
-        std::sync::Arc::new(budget_proxy::clock::SystemClock),
-        |o| {
-            o.max_body_bytes = 1000;
-        },
-    )
+    let h = Harness::start_tweaked(CONFIG, |o| {
+        o.max_body_bytes = 1000;
+    })
     .await;
     let r = h
         .http
@@ -806,13 +790,9 @@ async fn a_body_larger_than_the_peek_goes_on_whole() {
 async fn concurrent_requests_cannot_all_slip_under_the_limit() {
     let cfg = r#"{"default": {"max_tokens": 1000, "period": "monthly", "action_on_limit": "block"},
                   "agents": {"busy": {"max_tokens": 3000, "period": "monthly", "action_on_limit": "block"}}}"#;
-    let h = Harness::start_with(
-        cfg,
-        std::sync::Arc::new(budget_proxy::clock::SystemClock),
-        |o| {
-            o.default_output_tokens = 40;
-        },
-    )
+    let h = Harness::start_tweaked(cfg, |o| {
+        o.default_output_tokens = 40;
+    })
     .await;
     h.mock.set_behavior(
         Behavior::new()

@@ -122,7 +122,7 @@ async fn an_upstream_that_closes_more_connections_than_a_task_budget_costs_no_re
 
 #[tokio::test]
 async fn idle_connections_close_after_the_idle_timeout() {
-    let h = Harness::start_with(CONFIG, Arc::new(budget_proxy::clock::SystemClock), |o| {
+    let h = Harness::start_tweaked(CONFIG, |o| {
         o.upstream_idle_timeout = Duration::from_millis(200)
     })
     .await;
@@ -242,10 +242,7 @@ async fn raw_upstream(
 async fn interim_responses_are_skipped_and_a_body_ended_by_close_is_metered_whole() {
     const ANSWER: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"hi\"}]}}],\"usageMetadata\":{\"promptTokenCount\":7,\"candidatesTokenCount\":5,\"totalTokenCount\":12}}";
     let (addr, accepted) = raw_upstream(ANSWER).await;
-    let h = Harness::start_with(CONFIG, Arc::new(budget_proxy::clock::SystemClock), |o| {
-        o.upstream = format!("http://{addr}")
-    })
-    .await;
+    let h = Harness::start_tweaked(CONFIG, |o| o.upstream = format!("http://{addr}")).await;
     for round in 1..=2 {
         let r = h.generate("sage").await;
         assert_eq!(r.status(), 200);

@@ -73,7 +73,12 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start(config: &str) -> Harness {
-        Self::start_with(config, Arc::new(SystemClock), |_| {}).await
+        Self::start_tweaked(config, |_| {}).await
+    }
+
+    /// On the system clock, with `tweak` applied to the proxy's options.
+    pub async fn start_tweaked(config: &str, tweak: impl FnOnce(&mut Options)) -> Harness {
+        Self::start_with(config, Arc::new(SystemClock), tweak).await
     }
 
     pub async fn start_with(
