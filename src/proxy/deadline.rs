@@ -168,6 +168,12 @@ impl Deadlines {
         }
     }
 
+    /// The deadline of a request sent at `sent` that waits `horizon`: `None` (no deadline)
+    /// when it is too far to add to the clock, as `tokio::time::timeout` has it.
+    pub fn after(&self, sent: Instant) -> Option<Instant> {
+        sent.checked_add(self.horizon)
+    }
+
     /// Run `fut` until it completes (`Some`) or `at` passes (`None`; `fut` is dropped).
     /// `at: None` is no deadline. Like `tokio::time::timeout_at`, `fut` is polled first,
     /// so one that is ready is never cut short, whatever the clock says.
@@ -241,9 +247,17 @@ impl Entry<'_> {
     fn wait(&mut self, at: Instant, waker: &Waker) -> bool {
         let d = self.deadlines;
         let mut st = lock(&d.state);
-        let start = !st.running;
-        st.running = true;
-        if self.node != NIL {
+        let kick = if self.node == NIL {
+            self.node = st.insert(at, waker.clone());
+            st.busy = true;
+            // Earlier than the timer will look: tell it.
+            if st.armed.is_none_or(|armed| at < armed) {
+                st.armed = Some(at);
+                st.timer.take()
+            } else {
+                None
+            }
+        } else {
             let Some(w) = st.nodes[idx(self.node)].waker.as_mut() else {
                 // The timer took it out: due.
                 return false;
@@ -251,21 +265,10 @@ impl Entry<'_> {
             if !w.will_wake(waker) {
                 w.clone_from(waker);
             }
-            drop(st);
-            if start {
-                d.start_timer();
-            }
-            return true;
-        }
-        self.node = st.insert(at, waker.clone());
-        st.busy = true;
-        // Earlier than the timer will look: tell it.
-        let kick = if st.armed.is_none_or(|armed| at < armed) {
-            st.armed = Some(at);
-            st.timer.take()
-        } else {
             None
         };
+        // Marked running only by a request that waits, which then starts the timer.
+        let start = !std::mem::replace(&mut st.running, true);
         drop(st);
         if start {
             d.start_timer();
@@ -527,6 +530,44 @@ mod tests {
             drop(rt);
             assert!(!lock(&d.state).running, "the timer ended with its runtime");
         }
+    }
+
+    #[test]
+    fn a_request_found_due_on_a_new_runtime_leaves_no_phantom_timer() {
+        // The first runtime's timer takes the request out, then that runtime goes away
+        // before the request looks again; the request, polled on a second runtime, finds
+        // itself due. It must not mark a timer as running: the next request needs one.
+        let d = Deadlines::new(Duration::from_millis(20));
+        let rt = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("runtime")
+        };
+        let first_rt = rt();
+        let at = Instant::now() + Duration::from_millis(20);
+        let mut first = Box::pin(d.within(Some(at), std::future::pending::<()>()));
+        first_rt.block_on(async {
+            assert!(poll_once(first.as_mut()).await.is_none());
+            // Let the timer run until it has taken the request out (an event, awaited).
+            while d.waiting() > 0 {
+                tokio::task::yield_now().await;
+            }
+        });
+        drop(first_rt);
+        let second_rt = rt();
+        assert_eq!(second_rt.block_on(first), None);
+        assert!(!lock(&d.state).running);
+        let next = d.within(
+            Some(Instant::now() + Duration::from_millis(20)),
+            std::future::pending::<()>(),
+        );
+        let out = second_rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(60), next)
+                .await
+                .expect("the next request got no timer")
+        });
+        assert_eq!(out, None);
     }
 
     /// Poll `fut` once: its output if it is ready.

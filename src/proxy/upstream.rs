@@ -277,9 +277,8 @@ pub struct Pool {
     upstream: Upstream,
     /// The idle sweeper is started with the first connection.
     sweeping: AtomicBool,
-    /// `--upstream-timeout`: how long a request waits for its response head.
-    response_timeout: Duration,
-    /// The requests waiting for their response head, and their timer.
+    /// The requests waiting for their response head (`--upstream-timeout`), and their
+    /// timer.
     deadlines: Deadlines,
 }
 
@@ -324,20 +323,18 @@ impl Pool {
             idle_timeout: timeouts.idle,
             upstream,
             sweeping: AtomicBool::new(false),
-            response_timeout: timeouts.response,
             deadlines: Deadlines::new(timeouts.response),
         })
     }
 
     /// Send `req` and wait for its response head, for `--upstream-timeout` from `now` at
-    /// most. A timeout too large to add to the clock is none (as `tokio::time::timeout`
-    /// has it).
+    /// most.
     async fn send(
         self: Arc<Self>,
         req: &mut UpstreamRequest,
         now: Instant,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
-        let at = now.checked_add(self.response_timeout);
+        let at = self.deadlines.after(now);
         // Boxed: the exchange (~1 KiB) is written into its box once, and this future stays
         // small (it is moved whole into its caller's state).
         let attempt = boxed!(self.attempt(req, now));
