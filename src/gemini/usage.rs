@@ -560,8 +560,12 @@ pub struct UsageScanner {
     usage: Usage,
     /// Some parsed `usageMetadata` carried at least one token count.
     has_usage: bool,
-    /// The last `modelVersion`.
-    model_version: Option<String>,
+    /// The last `modelVersion` when `model_seen`, else the model the request was sent to
+    /// (see [`UsageScanner::for_model`]). One buffer for both, so that the usual response,
+    /// whose `modelVersion` is the model requested, costs no allocation and no copy.
+    model: String,
+    /// A `modelVersion` was seen (and is in `model`).
+    model_seen: bool,
     /// A response-level `error` key was seen.
     saw_error: bool,
     /// A `finishReason` key was seen.
@@ -572,6 +576,15 @@ impl UsageScanner {
     /// A scanner at the start of a body.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A scanner at the start of the body of a response to a request for `model`: what
+    /// [`UsageScanner::model`] answers until the body names the model that served it.
+    pub fn for_model(model: String) -> Self {
+        Self {
+            model,
+            ..Self::default()
+        }
     }
 
     /// Feed the next chunk of the body. Chunks may be cut anywhere (inside a key, an escape or
@@ -772,7 +785,13 @@ impl UsageScanner {
     /// The last `modelVersion` seen: the model that actually served the response, which is
     /// what to price by (retired ids may be routed to newer models).
     pub fn model_version(&self) -> Option<&str> {
-        self.model_version.as_deref()
+        self.model_seen.then_some(self.model.as_str())
+    }
+
+    /// The model to price by: the last `modelVersion` seen, else the model given to
+    /// [`UsageScanner::for_model`] (empty for [`UsageScanner::new`]).
+    pub fn model(&self) -> &str {
+        &self.model
     }
 
     /// Whether a response-level `error` key was seen (an error body, an SSE error event, or the
@@ -953,17 +972,18 @@ impl UsageScanner {
             return;
         }
         let inner = &quoted[1..quoted.len() - 1];
-        let escaped = inner.contains(&b'\\');
-        if !escaped && self.model_version.as_deref().map(str::as_bytes) == Some(inner) {
-            // The same as before (every stream event repeats it).
-        } else if !escaped {
-            if let Ok(s) = std::str::from_utf8(inner) {
-                let mv = self.model_version.get_or_insert_with(String::new);
-                mv.clear();
-                mv.push_str(s);
+        if inner.contains(&b'\\') {
+            if let Ok(s) = serde_json::from_slice::<String>(quoted) {
+                self.model = s;
+                self.model_seen = true;
             }
-        } else if let Ok(s) = serde_json::from_slice::<String>(quoted) {
-            self.model_version = Some(s);
+        } else if self.model.as_bytes() == inner {
+            // The model requested, or the same as before (every stream event repeats it).
+            self.model_seen = true;
+        } else if let Ok(s) = std::str::from_utf8(inner) {
+            self.model.clear();
+            self.model.push_str(s);
+            self.model_seen = true;
         }
     }
 }
@@ -1452,6 +1472,42 @@ mod tests {
     }
 
     #[test]
+    fn the_model_requested_prices_until_the_body_names_one() {
+        let feed_split = |body: &[u8], at: usize| {
+            let mut s = UsageScanner::for_model("gemini-2.5-flash".to_owned());
+            s.feed(&body[..at]);
+            s.feed(&body[at..]);
+            s
+        };
+        let none = br#"{"candidates":[]}"#;
+        let same = br#"{"modelVersion":"gemini-2.5-flash"}"#;
+        let other = br#"{"modelVersion":"gemini-2.5-flash-001"}"#;
+        let shorter = br#"{"modelVersion":"gemini-2.5"}"#;
+        let bad_utf8 = b"{\"modelVersion\":\"gemini-\xff\"}";
+        for at in 0..=other.len() {
+            let s = feed_split(&none[..], at.min(none.len()));
+            assert_eq!((s.model(), s.model_version()), ("gemini-2.5-flash", None));
+            let s = feed_split(&same[..], at.min(same.len()));
+            let want = ("gemini-2.5-flash", Some("gemini-2.5-flash"));
+            assert_eq!((s.model(), s.model_version()), want, "split at {at}");
+            let s = feed_split(&other[..], at);
+            let want = ("gemini-2.5-flash-001", Some("gemini-2.5-flash-001"));
+            assert_eq!((s.model(), s.model_version()), want, "split at {at}");
+            let s = feed_split(&shorter[..], at.min(shorter.len()));
+            let want = ("gemini-2.5", Some("gemini-2.5"));
+            assert_eq!((s.model(), s.model_version()), want, "split at {at}");
+            let s = feed_split(&bad_utf8[..], at.min(bad_utf8.len()));
+            assert_eq!((s.model(), s.model_version()), ("gemini-2.5-flash", None));
+        }
+        // A stream that names another model, then the requested one again.
+        let mut s = UsageScanner::for_model("gemini-2.5-flash".to_owned());
+        s.feed(other);
+        s.feed(same);
+        assert_eq!(s.model(), "gemini-2.5-flash");
+        assert_eq!(UsageScanner::new().model(), "");
+    }
+
+    #[test]
     fn backslash_runs_before_quotes_at_any_split() {
         // Strings built from escape-heavy pieces, as text, as keys and as the model version;
         // the model version the scanner reports must be serde_json's reading at every split.
@@ -1552,7 +1608,7 @@ mod tests {
         let held = std::mem::size_of::<UsageScanner>()
             + s.cap_buf.capacity()
             + s.pending.capacity()
-            + s.model_version.as_ref().map_or(0, String::capacity);
+            + s.model.capacity();
         assert!(held <= 33 * 1024, "{held}");
     }
 

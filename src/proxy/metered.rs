@@ -31,10 +31,10 @@ enum Ending {
 /// Metering state of one response.
 #[derive(Debug)]
 pub struct Meter {
+    /// Also holds the model the request was sent to (after any degrade), which prices the
+    /// response unless its body names another.
     scanner: UsageScanner,
     reservation: Reservation,
-    /// The model the request was sent to (after any degrade).
-    model: String,
     shared: Arc<Shared>,
 }
 
@@ -42,9 +42,8 @@ impl Meter {
     /// Meter a response of a request to `model` that holds `reservation`.
     pub fn new(reservation: Reservation, model: String, shared: Arc<Shared>) -> Self {
         Self {
-            scanner: UsageScanner::new(),
+            scanner: UsageScanner::for_model(model),
             reservation,
-            model,
             shared,
         }
     }
@@ -53,11 +52,10 @@ impl Meter {
         let Meter {
             scanner,
             reservation,
-            model,
             shared,
         } = *self;
         // Borrowed, not copied: the scanner and the reservation's agent id outlive their use.
-        let model: &str = scanner.model_version().unwrap_or(&model);
+        let model: &str = scanner.model();
         let agent_id = reservation.agent_arc();
         let agent: &str = &agent_id;
         let config = shared.config.load();
