@@ -137,17 +137,22 @@ enum UsageField {
 }
 
 impl UsageField {
+    /// The field a key names. (Compared with `==`, which is a length check and a few words,
+    /// rather than matched against byte-string patterns, which compile to a test per byte.)
     fn from_name(name: &[u8]) -> Self {
-        match name {
-            b"promptTokenCount" => Self::Prompt,
-            b"candidatesTokenCount" => Self::Candidates,
-            b"thoughtsTokenCount" => Self::Thoughts,
-            b"toolUsePromptTokenCount" => Self::ToolUsePrompt,
-            b"cachedContentTokenCount" => Self::Cached,
-            b"totalTokenCount" => Self::Total,
-            b"promptTokensDetails" => Self::PromptDetails,
-            _ => Self::Other,
-        }
+        let names: [(&[u8], Self); 7] = [
+            (b"promptTokenCount", Self::Prompt),
+            (b"candidatesTokenCount", Self::Candidates),
+            (b"totalTokenCount", Self::Total),
+            (b"thoughtsTokenCount", Self::Thoughts),
+            (b"promptTokensDetails", Self::PromptDetails),
+            (b"cachedContentTokenCount", Self::Cached),
+            (b"toolUsePromptTokenCount", Self::ToolUsePrompt),
+        ];
+        names
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map_or(Self::Other, |(_, f)| f)
     }
 }
 
@@ -165,13 +170,23 @@ enum DetailField {
     Other,
 }
 
+impl DetailField {
+    /// The field a key names (compared as [`UsageField::from_name`] does).
+    fn from_name(name: &[u8]) -> Self {
+        if name == b"modality" {
+            Self::Modality
+        } else if name == b"tokenCount" {
+            Self::TokenCount
+        } else {
+            Self::Other
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for DetailField {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_bytes(NameVisitor).map(|n| match &n[..] {
-            b"modality" => Self::Modality,
-            b"tokenCount" => Self::TokenCount,
-            _ => Self::Other,
-        })
+        d.deserialize_bytes(NameVisitor)
+            .map(|n| Self::from_name(&n))
     }
 }
 
@@ -642,64 +657,11 @@ impl UsageScanner {
             }
         }
 
+        if !matches!(self.after, After::Nothing) {
+            i = self.resolve_after(chunk, i, &mut cap_from);
+        }
         while i < n {
             let b = chunk[i];
-            if !matches!(self.after, After::Nothing) {
-                if matches!(b, b' ' | b'\t' | b'\r' | b'\n') {
-                    i += 1;
-                    continue;
-                }
-                match std::mem::take(&mut self.after) {
-                    After::KeyEnd(k) if b == b':' => {
-                        match k {
-                            Key::Error => self.saw_error = true,
-                            Key::FinishReason => self.saw_finish_reason = true,
-                            Key::UsageMetadata | Key::ModelVersion => self.after = After::Value(k),
-                        }
-                        i += 1;
-                        continue;
-                    }
-                    After::Value(Key::UsageMetadata) if b == b'{' => {
-                        // Usually the whole object is in this chunk, in the usual shape:
-                        // read it where it stands, without copying it or scanning it.
-                        if let Some((raw, len)) = reader::read_object(&chunk[i..]) {
-                            self.merge_read(&raw);
-                            i += len;
-                            continue;
-                        }
-                        self.start_capture(Capture::Object(self.depth));
-                        cap_from = i;
-                    }
-                    After::Value(Key::ModelVersion) if b == b'"' => {
-                        self.start_capture(Capture::Str);
-                        cap_from = i;
-                    }
-                    After::FieldEnd(bit) if b == b':' => {
-                        self.cap_maybe |= bit;
-                        self.after = After::FieldValue(bit);
-                        i += 1;
-                        continue;
-                    }
-                    After::FieldValue(bit) => {
-                        // serde_json reads a number as a count and a list as details: only
-                        // then does this object surely set the field.
-                        let sets = if bit == FIELD_PROMPT_DETAILS {
-                            b == b'['
-                        } else {
-                            b.is_ascii_digit()
-                        };
-                        if sets {
-                            self.cap_fields |= bit;
-                        } else {
-                            // null, a string, … (or a repeated key: the last one counts).
-                            self.cap_fields &= !bit;
-                        }
-                    }
-                    // Not a key after all, or a value we do not want: scan `b` as usual.
-                    _ => {}
-                }
-            }
-
             match b {
                 b'"' => {
                     i += 1;
@@ -732,6 +694,9 @@ impl UsageScanner {
                                     self.cap_append(&chunk[cap_from..end]);
                                     self.finish_model_version();
                                 }
+                            }
+                            if !matches!(self.after, After::Nothing) {
+                                i = self.resolve_after(chunk, i, &mut cap_from);
                             }
                         }
                         None => {
@@ -766,6 +731,72 @@ impl UsageScanner {
         if !matches!(self.capture, Capture::None) && cap_from < n {
             self.cap_append(&chunk[cap_from..]);
         }
+    }
+
+    /// What follows a string that may be a key (`self.after` is set): white space, then its
+    /// `:`, then the first byte of its value, from `chunk[i..]`. Returns where the main loop
+    /// goes on: at the first byte not consumed here, with `self.after` cleared (a byte that
+    /// turns out not to follow a key is scanned as usual), or at the chunk's end with
+    /// `self.after` still set for the next chunk. Run only when a string closes, rather than
+    /// checked at every step of the main loop.
+    fn resolve_after(&mut self, chunk: &[u8], mut i: usize, cap_from: &mut usize) -> usize {
+        while let Some(&b) = chunk.get(i) {
+            if matches!(b, b' ' | b'\t' | b'\r' | b'\n') {
+                i += 1;
+                continue;
+            }
+            match std::mem::take(&mut self.after) {
+                After::Nothing => return i,
+                After::KeyEnd(k) if b == b':' => {
+                    match k {
+                        Key::Error => self.saw_error = true,
+                        Key::FinishReason => self.saw_finish_reason = true,
+                        Key::UsageMetadata | Key::ModelVersion => self.after = After::Value(k),
+                    }
+                    i += 1;
+                    continue;
+                }
+                After::Value(Key::UsageMetadata) if b == b'{' => {
+                    // Usually the whole object is in this chunk, in the usual shape:
+                    // read it where it stands, without copying it or scanning it.
+                    if let Some((raw, len)) = reader::read_object(&chunk[i..]) {
+                        self.merge_read(&raw);
+                        return i + len;
+                    }
+                    self.start_capture(Capture::Object(self.depth));
+                    *cap_from = i;
+                }
+                After::Value(Key::ModelVersion) if b == b'"' => {
+                    self.start_capture(Capture::Str);
+                    *cap_from = i;
+                }
+                After::FieldEnd(bit) if b == b':' => {
+                    self.cap_maybe |= bit;
+                    self.after = After::FieldValue(bit);
+                    i += 1;
+                    continue;
+                }
+                After::FieldValue(bit) => {
+                    // serde_json reads a number as a count and a list as details: only
+                    // then does this object surely set the field.
+                    let sets = if bit == FIELD_PROMPT_DETAILS {
+                        b == b'['
+                    } else {
+                        b.is_ascii_digit()
+                    };
+                    if sets {
+                        self.cap_fields |= bit;
+                    } else {
+                        // null, a string, … (or a repeated key: the last one counts).
+                        self.cap_fields &= !bit;
+                    }
+                }
+                // Not a key after all, or a value we do not want: scanned as usual.
+                _ => {}
+            }
+            return i;
+        }
+        i
     }
 
     /// The latest usage seen so far: `None` until a `usageMetadata` with at least one token
@@ -826,18 +857,23 @@ impl UsageScanner {
 
     /// A string closed outside any capture: if it is one of the keys we act on (at the right
     /// depth), wait for its `:`.
+    ///
+    /// Compared with `==`, not matched against byte-string patterns: a pattern compiles to
+    /// a comparison per byte, `==` to a length check and a word or two.
     #[inline]
     fn match_key(&mut self, key: &[u8]) {
-        if !is_key_len(key.len()) {
+        let k = if key == b"finishReason" {
+            Key::FinishReason
+        } else if self.depth != self.response_depth {
             return;
-        }
-        let at_response = self.depth == self.response_depth;
-        let k = match key {
-            b"usageMetadata" if at_response => Key::UsageMetadata,
-            b"modelVersion" if at_response => Key::ModelVersion,
-            b"error" if at_response => Key::Error,
-            b"finishReason" => Key::FinishReason,
-            _ => return,
+        } else if key == b"usageMetadata" {
+            Key::UsageMetadata
+        } else if key == b"modelVersion" {
+            Key::ModelVersion
+        } else if key == b"error" {
+            Key::Error
+        } else {
+            return;
         };
         self.after = After::KeyEnd(k);
     }
@@ -935,15 +971,15 @@ impl UsageScanner {
             return;
         }
         // A known name has no escape: only other keys need the backslash check.
-        let bit = match key {
-            b"promptTokenCount" => FIELD_PROMPT,
-            b"candidatesTokenCount" => FIELD_CANDIDATES,
-            b"thoughtsTokenCount" => FIELD_THOUGHTS,
-            b"toolUsePromptTokenCount" => FIELD_TOOL_USE_PROMPT,
-            b"cachedContentTokenCount" => FIELD_CACHED,
-            b"totalTokenCount" => FIELD_TOTAL,
-            b"promptTokensDetails" => FIELD_PROMPT_DETAILS,
-            _ => {
+        let bit = match UsageField::from_name(key) {
+            UsageField::Prompt => FIELD_PROMPT,
+            UsageField::Candidates => FIELD_CANDIDATES,
+            UsageField::Thoughts => FIELD_THOUGHTS,
+            UsageField::ToolUsePrompt => FIELD_TOOL_USE_PROMPT,
+            UsageField::Cached => FIELD_CACHED,
+            UsageField::Total => FIELD_TOTAL,
+            UsageField::PromptDetails => FIELD_PROMPT_DETAILS,
+            UsageField::Other => {
                 if key.contains(&b'\\') {
                     self.cap_opaque = true;
                 }

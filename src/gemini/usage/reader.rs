@@ -9,7 +9,7 @@
 //! The caller then asks serde_json, so a `Some` is always what serde_json reads; the
 //! property test below holds the two to that on generated and mutated objects.
 
-use super::RawUsage;
+use super::{DetailField, RawUsage, UsageField};
 
 /// Nesting deeper than this (inside skipped values) is left to serde_json.
 const MAX_DEPTH: u32 = 16;
@@ -50,16 +50,16 @@ impl<'a> Reader<'a> {
     fn usage(&mut self) -> Option<RawUsage> {
         let mut raw = RawUsage::default();
         self.object(|r, key| {
-            match key {
-                b"promptTokenCount" => raw.prompt = r.count()?,
-                b"candidatesTokenCount" => raw.candidates = r.count()?,
-                b"thoughtsTokenCount" => raw.thoughts = r.count()?,
-                b"toolUsePromptTokenCount" => raw.tool_use_prompt = r.count()?,
-                b"cachedContentTokenCount" => raw.cached = r.count()?,
-                b"totalTokenCount" => raw.total = r.count()?,
-                b"promptTokensDetails" => raw.audio_prompt = r.audio_tokens()?,
-                _ if Reader::plain(key) => r.skip_value(0)?,
-                _ => return None,
+            match UsageField::from_name(key) {
+                UsageField::Prompt => raw.prompt = r.count()?,
+                UsageField::Candidates => raw.candidates = r.count()?,
+                UsageField::Thoughts => raw.thoughts = r.count()?,
+                UsageField::ToolUsePrompt => raw.tool_use_prompt = r.count()?,
+                UsageField::Cached => raw.cached = r.count()?,
+                UsageField::Total => raw.total = r.count()?,
+                UsageField::PromptDetails => raw.audio_prompt = r.audio_tokens()?,
+                UsageField::Other if Reader::plain(key) => r.skip_value(0)?,
+                UsageField::Other => return None,
             }
             Some(())
         })?;
@@ -254,8 +254,8 @@ impl<'a> Reader<'a> {
     fn modality_count(&mut self) -> Option<(bool, u64)> {
         let (mut audio, mut tokens) = (false, 0u64);
         self.object(|r, key| {
-            match key {
-                b"modality" => {
+            match DetailField::from_name(key) {
+                DetailField::Modality => {
                     audio = match r.peek()? {
                         b'n' => r.null().map(|()| false)?,
                         _ => {
@@ -267,9 +267,9 @@ impl<'a> Reader<'a> {
                         }
                     }
                 }
-                b"tokenCount" => tokens = r.count()?.unwrap_or(0),
-                _ if Self::plain(key) => r.skip_value(0)?,
-                _ => return None,
+                DetailField::TokenCount => tokens = r.count()?.unwrap_or(0),
+                DetailField::Other if Self::plain(key) => r.skip_value(0)?,
+                DetailField::Other => return None,
             }
             Some(())
         })?;
