@@ -44,7 +44,7 @@ const MAX_HEAD_BYTES: usize = 256 * 1024;
 /// Not more: a fresh buffer is allocated for most responses (the last one's bytes are still
 /// on their way to the client), and jemalloc serves sizes up to 4 KiB from its thread cache
 /// on its fast path, while an 8 KiB buffer took its slow path to allocate and to free
-/// (~400 instructions a response; benches/README.md, "Thirteenth round").
+/// (~220 instructions a response; benches/README.md, "Thirteenth round").
 const READ_BYTES: usize = 4096;
 
 /// An HTTP/1.1 connection to the upstream, idle (in the pool) or carrying one exchange.
