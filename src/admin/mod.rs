@@ -6,6 +6,7 @@
 //! repeated failures from one address are refused for a while.
 
 pub mod client;
+mod dashboard;
 mod openapi;
 pub mod status;
 
@@ -180,6 +181,8 @@ pub enum AdminCommand {
         level: Option<String>,
         /// Only alerts created at or after this instant.
         since: Option<DateTime<Utc>>,
+        /// At most this many (the newest).
+        limit: Option<usize>,
     },
     /// Usage history.
     Usage(UsageQuery),
@@ -365,13 +368,17 @@ pub async fn apply(
             agent,
             level,
             since,
+            limit,
         } => {
             let Some(alerts) = &state.alerts else {
                 return Ok((StatusCode::OK, json!({"alerts": []})));
             };
-            let list = alerts
+            let mut list = alerts
                 .list_json(agent.as_deref(), level.as_deref(), since)
                 .map_err(AdminError::BadRequest)?;
+            if let (Some(limit), Some(list)) = (limit, list.as_array_mut()) {
+                list.truncate(limit);
+            }
             Ok((StatusCode::OK, json!({"alerts": list})))
         }
         AdminCommand::Usage(q) => {
@@ -530,10 +537,20 @@ async fn decode(req: Request<ClientBody>) -> Result<AdminCommand, AdminError> {
                     )));
                 }
             }
+            let limit = query_param(q, "limit")
+                .map(|l| {
+                    l.parse::<usize>().map_err(|_| {
+                        AdminError::BadRequest(format!(
+                            "limit={l:?}: give a whole number of alerts, e.g. limit=20"
+                        ))
+                    })
+                })
+                .transpose()?;
             Ok(AdminCommand::Alerts {
                 agent: query_param(q, "agent"),
                 level,
                 since: parse_time("since", query_param(q, "since"))?,
+                limit,
             })
         }
         (5, Method::GET) => {
@@ -644,6 +661,12 @@ pub async fn handle(state: Arc<AdminState>, req: Request<ClientBody>) -> Respons
         (&Method::GET, "/openapi.json") => return text_response("application/json", openapi::SPEC),
         (&Method::GET, "/docs") => {
             return text_response("text/html; charset=utf-8", openapi::DOCS_HTML)
+        }
+        (&Method::GET, "/") => {
+            return dashboard::response("text/html; charset=utf-8", dashboard::HTML)
+        }
+        (&Method::GET, "/dashboard.js") => {
+            return dashboard::response("text/javascript; charset=utf-8", dashboard::JS)
         }
         _ => {}
     }
