@@ -219,13 +219,21 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
         redis: redis_sync.clone(),
     });
     // A config change (reload or admin update) may raise a limit: release parked requests.
+    // It may also put an agent past a threshold without a request: alert it now.
     {
-        let (live, ledger, queues, clock) =
-            (live.clone(), ledger.clone(), queues.clone(), clock.clone());
+        let (live, ledger, queues, clock, alerts) = (
+            live.clone(),
+            ledger.clone(),
+            queues.clone(),
+            clock.clone(),
+            alerts.clone(),
+        );
         let mut changed = live.subscribe();
         tokio::spawn(async move {
             while changed.changed().await.is_ok() {
-                queues.release_all(&ledger, &live.get(), clock.now());
+                let config = live.get();
+                queues.release_all(&ledger, &config, clock.now());
+                alerts.check_standing(&ledger, &config, clock.now());
             }
         });
     }

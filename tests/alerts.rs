@@ -293,6 +293,72 @@ async fn each_threshold_alerts_exactly_once_and_reaches_both_webhook_formats() {
     assert_eq!(alerts.raised(Level::Limit), 1);
 }
 
+/// `PUT /api/budget/update/{agent}` with `body`; the answer's status.
+async fn update(h: &Harness, agent: &str, body: serde_json::Value) -> u16 {
+    h.http
+        .put(format!("{}/api/budget/update/{agent}", h.admin))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn a_lower_budget_alerts_what_usage_already_stands_at_once() {
+    let rx = Receiver::start().await;
+    let h = Harness::start(&config(&rx.url)).await;
+    let alerts = &h.app.alerts;
+    let watch = || thresholds(&alerts.list(Some("watch"), None, None));
+
+    assert_eq!(spend(&h, "watch", 600).await, 200); // 60 % of 1000
+    assert!(watch().is_empty());
+    // 600 of 700 is 85.7 %: past 75 % without any request crossing it.
+    assert_eq!(
+        update(&h, "watch", serde_json::json!({"max_tokens": 700})).await,
+        200
+    );
+    common::wait_until(|| async { watch() == [75] }).await;
+    // 600 of 500 is 120 %: 90 and 100 now; 75 is not raised again.
+    assert_eq!(
+        update(&h, "watch", serde_json::json!({"max_tokens": 500})).await,
+        200
+    );
+    common::wait_until(|| async { watch() == [100, 90, 75] }).await;
+    let limit = &alerts.list(Some("watch"), None, None)[0];
+    assert_eq!(limit.level, Level::Limit);
+    assert_eq!(limit.percentage, 120.0);
+    rx.wait_delivered("/json", 3).await;
+
+    // Up and down again in the same period: nothing new. A change to `custom` (400 of 1000
+    // tokens, thresholds 50/95/120) after them alerts once it is applied, which shows
+    // that the changes before it were checked too.
+    assert_eq!(
+        update(&h, "watch", serde_json::json!({"max_tokens": 1000})).await,
+        200
+    );
+    assert_eq!(
+        update(&h, "watch", serde_json::json!({"max_tokens": 500})).await,
+        200
+    );
+    assert_eq!(spend(&h, "custom", 400).await, 200);
+    assert!(alerts.list(Some("custom"), None, None).is_empty());
+    assert_eq!(
+        update(
+            &h,
+            "custom",
+            serde_json::json!({"alert_thresholds": [30, 95, 120]})
+        )
+        .await,
+        200
+    );
+    common::wait_until(|| async { !alerts.list(Some("custom"), None, None).is_empty() }).await;
+    assert_eq!(thresholds(&alerts.list(Some("custom"), None, None)), [30]);
+    assert_eq!(watch(), [100, 90, 75]);
+}
+
 #[tokio::test]
 async fn a_jump_over_several_thresholds_raises_each_once() {
     let rx = Receiver::start().await;

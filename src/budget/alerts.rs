@@ -22,8 +22,8 @@
 //! Levels: a threshold ≥ 100 % is `limit` (the action applies), ≥ 90 % `critical`, below
 //! that `warning`.
 
-use super::ledger::Settled;
-use crate::config::AgentBudget;
+use super::ledger::{Ledger, Settled};
+use crate::config::{AgentBudget, Config};
 use crate::store::{AlertKey, AlertRow, LoadedAlerts, StoreOp, Writer, ALERTS_KEPT};
 use crate::webhook::{WebhookStats, Webhooks};
 use chrono::{DateTime, SecondsFormat, SubsecRound as _, TimeZone as _, Utc};
@@ -355,6 +355,31 @@ impl AlertCenter {
         )
         .filter(|&t| self.raise(agent, budget, settled, t, now))
         .count()
+    }
+
+    /// Raise what usage already stands at but never crossed in a settle: after a config
+    /// change (a lower `max_tokens`, a new or lower threshold, another period) an agent can
+    /// be past a threshold that no charge took it over. Each agent with usage is checked as
+    /// if its whole running usage were one charge; thresholds already alerted in the period
+    /// are not raised again (the same keys as [`AlertCenter::check`]). Returns how many
+    /// alerts were raised.
+    pub fn check_standing(&self, ledger: &Ledger, config: &Config, now: DateTime<Utc>) -> usize {
+        ledger
+            .agent_ids()
+            .iter()
+            .map(|agent| {
+                let budget = config.budget_for(agent);
+                let Some(t) = ledger.totals(agent, &budget.period, now) else {
+                    return 0;
+                };
+                let standing = Settled {
+                    before_tokens: 0,
+                    after_tokens: t.committed_tokens,
+                    window: t.window,
+                };
+                self.check(agent, budget, &standing, now)
+            })
+            .sum()
     }
 
     fn raise(
