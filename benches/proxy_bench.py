@@ -453,6 +453,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 s runs, fewer streams (development)")
     ap.add_argument("--duration", type=int, default=None, help="seconds per run (default 10, quick 3)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every run; the table shows medians")
+    ap.add_argument("--fixed-order", action="store_true",
+                    help="every round in the same order (direct, nginx, budget-proxy), as before the "
+                         "fourteenth round of benches/README.md: to compare with those runs")
     ap.add_argument("--conns", default="1,64,256")
     ap.add_argument("--idle-conns", type=int, default=10_000)
     ap.add_argument("--proxy-bin", required=True)
@@ -503,7 +506,7 @@ def main():
                 # Direct first, then the proxies in an order that turns around every round
                 # (nginx, budget-proxy, budget-proxy, nginx, ...): a machine that slows down
                 # or speeds up during a round does not favour the one that always runs last.
-                proxies = targets[1:] if rnd % 2 == 0 else targets[:0:-1]
+                proxies = targets[1:] if rnd % 2 == 0 or args.fixed_order else targets[:0:-1]
                 for t in [targets[0]] + proxies:
                     results[(t, c)].append(measure(bench, t, c, secs, warm))
 
