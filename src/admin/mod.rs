@@ -66,12 +66,13 @@ pub struct AdminState {
 
 /// Where alerts come from (the alert center), as the admin port sees it.
 pub trait AlertSource: Send + Sync + 'static {
-    /// Alerts, newest first, filtered.
+    /// Alerts, newest first, filtered, at most `limit` of them.
     fn list_json(
         &self,
         agent: Option<&str>,
         level: Option<&str>,
         since: Option<DateTime<Utc>>,
+        limit: Option<usize>,
     ) -> Result<Value, String>;
     /// Webhook deliveries (ok, failed).
     fn webhook_counts(&self) -> (u64, u64);
@@ -149,11 +150,13 @@ impl AlertSource for AlertCenter {
         agent: Option<&str>,
         level: Option<&str>,
         since: Option<DateTime<Utc>>,
+        limit: Option<usize>,
     ) -> Result<Value, String> {
         let level = level
             .map(|l| l.parse::<Level>().map_err(|e| e.to_string()))
             .transpose()?;
-        serde_json::to_value(self.list(agent, level, since)).map_err(|e| e.to_string())
+        let list = self.list_newest(agent, level, since, limit.unwrap_or(usize::MAX));
+        serde_json::to_value(list).map_err(|e| e.to_string())
     }
 
     fn webhook_counts(&self) -> (u64, u64) {
@@ -373,12 +376,9 @@ pub async fn apply(
             let Some(alerts) = &state.alerts else {
                 return Ok((StatusCode::OK, json!({"alerts": []})));
             };
-            let mut list = alerts
-                .list_json(agent.as_deref(), level.as_deref(), since)
+            let list = alerts
+                .list_json(agent.as_deref(), level.as_deref(), since, limit)
                 .map_err(AdminError::BadRequest)?;
-            if let (Some(limit), Some(list)) = (limit, list.as_array_mut()) {
-                list.truncate(limit);
-            }
             Ok((StatusCode::OK, json!({"alerts": list})))
         }
         AdminCommand::Usage(q) => {

@@ -494,12 +494,25 @@ impl AlertCenter {
         level: Option<Level>,
         since: Option<DateTime<Utc>>,
     ) -> Vec<Alert> {
+        self.list_newest(agent, level, since, usize::MAX)
+    }
+
+    /// The `limit` newest of [`AlertCenter::list`] (a dashboard asks for a few every two
+    /// seconds, of up to 10,000 kept).
+    pub fn list_newest(
+        &self,
+        agent: Option<&str>,
+        level: Option<Level>,
+        since: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Vec<Alert> {
         lock(&self.recent)
             .alerts
             .iter()
             .filter(|a| agent.is_none_or(|x| a.agent_id == x))
             .filter(|a| level.is_none_or(|l| a.level == l))
             .filter(|a| since.is_none_or(|s| a.created_at >= s))
+            .take(limit)
             .map(|a| (**a).clone())
             .collect()
     }
