@@ -36,6 +36,18 @@ fn find(env: &str, names: &[&str]) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// One WebDriver command: JSON in, JSON out.
+async fn send(http: &reqwest::Client, method: reqwest::Method, url: String, body: &Value) -> Value {
+    http.request(method, url)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
@@ -98,15 +110,8 @@ impl Browser {
                 "browserName": "chrome",
                 "goog:chromeOptions": {"binary": chromium, "args": args},
             }}});
-            let r: Value = http
-                .post(format!("http://127.0.0.1:{port}/session"))
-                .json(&caps)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let url = format!("http://127.0.0.1:{port}/session");
+            let r = send(&http, reqwest::Method::POST, url, &caps).await;
             let Some(session) = r["value"]["sessionId"].as_str() else {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -151,16 +156,7 @@ impl Browser {
             "http://127.0.0.1:{}/session/{}{path}",
             self.port, self.session
         );
-        let r: Value = self
-            .http
-            .request(method, url)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r = send(&self.http, method, url, &body).await;
         if r["value"].get("error").is_some() {
             panic!("WebDriver {path}: {}", r["value"]);
         }
