@@ -147,12 +147,18 @@ impl LiveConfig {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn swap(&self, config: Config, digest: [u8; 32]) {
+    /// Make `config` live; `count`: the counter this change adds one to (a reload), bumped
+    /// under the lock that [`LiveConfig::info`] reads with, together with `last_error`, so
+    /// that no reader sees the count without the state it counts.
+    fn swap(&self, config: Config, digest: [u8; 32], count: Option<&AtomicU64>) {
         self.current.store(Arc::new(config));
         let mut st = self.lock();
         st.sha256 = digest;
         st.loaded_at = Utc::now();
         st.last_error = None;
+        if let Some(c) = count {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
         drop(st);
         self.changed.send_modify(|n| *n += 1);
     }
@@ -170,18 +176,21 @@ impl LiveConfig {
         match result {
             Ok(None) => Ok(false),
             Ok(Some((config, digest))) => {
-                self.swap(config, digest);
-                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                self.swap(config, digest, Some(&self.reloads_ok));
                 tracing::info!(target: "config", path = %self.path.display(), "budgets reloaded");
                 Ok(true)
             }
             Err(e) => {
-                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                {
+                    // The error and its count together (see `swap`).
+                    let mut st = self.lock();
+                    st.last_error = Some(LastError {
+                        message: e.to_string(),
+                        at: rfc3339(Utc::now()),
+                    });
+                    self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::error!(target: "config", error = %e, "reload refused; the last good config stays in force");
-                self.lock().last_error = Some(LastError {
-                    message: e.to_string(),
-                    at: rfc3339(Utc::now()),
-                });
                 Err(e)
             }
         }
@@ -245,7 +254,7 @@ impl LiveConfig {
             path: path_s.clone(),
             source,
         })?;
-        self.swap(config, sha(new_text.as_bytes()));
+        self.swap(config, sha(new_text.as_bytes()), None);
         tracing::info!(target: "config", agent, created, "budget updated through the admin API");
         Ok(created)
     }
