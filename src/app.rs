@@ -231,9 +231,9 @@ pub async fn start_with_clock(opts: Options, clock: Arc<dyn Clock>) -> anyhow::R
         let mut changed = live.subscribe();
         tokio::spawn(async move {
             while changed.changed().await.is_ok() {
-                let config = live.get();
-                queues.release_all(&ledger, &config, clock.now());
-                alerts.check_standing(&ledger, &config, clock.now());
+                let (config, now) = (live.get(), clock.now());
+                queues.release_all(&ledger, &config, now);
+                alerts.check_standing(&ledger, &config, now);
             }
         });
     }

@@ -26,9 +26,8 @@ const CSP: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; \
 
 /// The page or its script, with the headers that keep it to itself.
 pub fn response(content_type: &'static str, body: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut r = super::text_response(content_type, body);
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CSP),
